@@ -1,0 +1,15 @@
+"""lens_palrp: Positional-Aware LRP (PA-LRP) for TransformerLens models.
+
+>>> import lens_palrp as lp
+>>> attr = lp.explain(model, "The capital of France is", " Paris")
+>>> attr.semantic, attr.positional, attr.combined()
+"""
+
+from lens_palrp.engine import explain
+from lens_palrp.methods import METHODS
+from lens_palrp.result import Attribution, Conservation
+from lens_palrp.targets import at_hook
+from lens_palrp import zoo
+
+__version__ = "0.1.0"
+__all__ = ["explain", "at_hook", "Attribution", "Conservation", "METHODS", "zoo", "__version__"]

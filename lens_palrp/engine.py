@@ -1,0 +1,530 @@
+"""The relevance sweep: one hooked forward, one backward-like pass, layer by layer from the target.
+
+The engine knows what each hook *role* does under each method (``lens_palrp.hooks.roles``); the
+model family says which hook point plays which role. During the forward each hook installs its
+rule as a gradient patch (the forward values stay bit-identical) and attaches a gradient hook that
+reduces ``activation * gradient`` into the per-layer records the moment the backward reaches it,
+so no activation-sized relevance tensor is kept unless the user asks for it with ``record``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from lens_palrp import rules
+from lens_palrp.hooks import family_for
+from lens_palrp.hooks.roles import HookRole, Role
+from lens_palrp.methods import Method, get_method
+from lens_palrp.result import Attribution
+from lens_palrp.targets import HookTarget, TargetSpec, resolve_target
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+class _StopForward(Exception):
+    """Raised by an ``at_hook`` target once its scalar is computed: nothing above is needed."""
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def prepare_tokens(
+    family, tokens, attention_mask: Optional[Tensor], prepend_bos: Optional[bool], device
+) -> Tuple[Tensor, Optional[Tensor], List[List[str]]]:
+    """Tokens ``[batch, pos]`` (right-padded), the attention mask (None if no padding), strings."""
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if isinstance(tokens, (list, tuple)):
+        if len(tokens) == 0:
+            raise ValueError("empty input: no prompts given")
+        if not all(isinstance(t, str) for t in tokens):
+            raise TypeError("a list input must hold strings (or pass a LongTensor of token ids)")
+        if family.tokenizer is None:
+            raise ValueError("the model has no tokenizer: pass token ids as a LongTensor")
+        rows = [family.to_tokens(t, prepend_bos) for t in tokens]
+        if any(r.numel() == 0 for r in rows):
+            raise ValueError("empty input: a prompt tokenizes to no tokens")
+        lengths = torch.tensor([r.numel() for r in rows])
+        n_pos = int(lengths.max())
+        pad_id = getattr(family.tokenizer, "pad_token_id", None) or 0
+        out = torch.full((len(rows), n_pos), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r.cpu()
+        tokens = out
+        if attention_mask is None and bool((lengths < n_pos).any()):
+            attention_mask = (torch.arange(n_pos)[None, :] < lengths[:, None]).long()
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a string, a list of strings or a LongTensor, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ValueError(f"empty input: tokens have shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > family.n_ctx:
+        raise ValueError(
+            f"sequence too long: {tokens.shape[1]} tokens, the model's n_ctx is {family.n_ctx}"
+        )
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(torch.long)
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(tokens.shape)}"
+            )
+        if not bool((attention_mask[:, 0] == 1).all()) or bool(
+            (attention_mask[:, 1:] > attention_mask[:, :-1]).any()
+        ):
+            raise ValueError("attention_mask must be right padding: ones first, then zeros")
+        if bool(attention_mask.all()):
+            attention_mask = None
+    tokens = tokens.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    str_tokens = []
+    lengths = (
+        attention_mask.sum(-1).tolist() if attention_mask is not None else [tokens.shape[1]] * tokens.shape[0]
+    )
+    for row, n in zip(tokens, lengths):
+        str_tokens.append(list(family.to_str_tokens(row[: int(n)])))
+    return tokens, attention_mask, str_tokens
+
+
+def resolve_positions(position, lengths: Tensor) -> Tensor:
+    """Per-example target positions, counted within each example's real (unpadded) tokens."""
+    batch = lengths.shape[0]
+    if isinstance(position, Tensor):
+        pos = position.reshape(-1).long().cpu()
+        if pos.numel() == 1:
+            pos = pos.expand(batch).clone()
+        if pos.numel() != batch:
+            raise ValueError(f"position has {pos.numel()} entries for a batch of {batch}")
+    elif isinstance(position, int) and not isinstance(position, bool):
+        pos = torch.full((batch,), position, dtype=torch.long)
+    else:
+        raise TypeError(f"position must be an int or a [batch] tensor, got {type(position).__name__}")
+    resolved = torch.where(pos < 0, lengths + pos, pos)
+    bad = (resolved < 0) | (resolved >= lengths)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"position {int(pos[i])} is out of range for example {i} with {int(lengths[i])} tokens"
+        )
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------- safety
+@contextmanager
+def model_left_unchanged(model, family):
+    """Freeze parameters for the sweep and restore ``requires_grad``, mode and config after."""
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with family.prepared():
+            yield
+    finally:
+        for p, r, g in zip(params, requires, grads):
+            p.requires_grad_(r)
+            p.grad = g
+        model.train(training)
+
+
+# ---------------------------------------------------------------------------------------- sweep
+class _Sweep:
+    """State of one explanation: the hook functions of the forward and the records they fill."""
+
+    def __init__(
+        self,
+        family,
+        method: Method,
+        batch: int,
+        n_pos: int,
+        dtype: torch.dtype,
+        device,
+        attention_mask: Optional[Tensor],
+        record: Sequence[str],
+        hook_target: Optional[HookTarget],
+    ):
+        self.family, self.method = family, method
+        self.attention_mask = attention_mask
+        self.record_names = set(record)
+        self.hook_target = hook_target
+        L, H = family.n_layers, family.n_heads
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
+        self.heads_by_pos = z(batch, L, H, n_pos)
+        self.positional = z(batch, L, H, n_pos)
+        self.mlp = z(batch, L, n_pos)
+        self.residual = z(batch, L + 1, n_pos)
+        self.softmax_absorbed = z(batch, L)
+        self.rope_cos: Dict[int, Tensor] = {}
+        self.rope_sin: Dict[int, Tensor] = {}
+        self.shortformer_dims: Dict[int, Tensor] = {}
+        self.n_pos = n_pos
+        self.leaves: Dict[Role, Tensor] = {}
+        self.captured: Dict[tuple, Tensor] = {}
+        self.records: Dict[str, Tensor] = {}
+        self.target_value: Optional[Tensor] = None
+        self.positional_on = method.positional_sinks
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _on_grad(self, tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
+        """Call ``fn(grad)`` when the backward reaches ``tensor`` (if it is in the graph)."""
+        if tensor.requires_grad:
+            def hook(grad: Tensor) -> None:
+                fn(grad)
+
+            tensor.register_hook(hook)
+
+    def _keep(self, name: str, relevance: Tensor) -> None:
+        relevance = self.family.fold_kv(name, relevance.detach())
+        self.records[name] = self.records.get(name, 0) + relevance
+
+    def _record_if_asked(self, name: str, out: Tensor, share: float = 1.0) -> None:
+        if name in self.record_names:
+            def keep(g, out=out.detach()):
+                rel = share * out * g
+                self._keep(name, torch.where(torch.isfinite(rel), rel, torch.zeros_like(rel)))
+            self._on_grad(out, keep)
+
+    # -- one hook function per hook point --------------------------------------------------------
+    def hook_fn(self, name: str, role: Optional[HookRole]):
+        is_target = self.hook_target is not None and self.hook_target.hook_name == name
+
+        def fn(act: Tensor, hook=None):
+            out = self.apply_role(name, role, act, consumer=not is_target) if role else act
+            if role is None:
+                self._record_if_asked(name, out)
+            if is_target:
+                value = self.hook_target.fn(out)
+                self.target_value = value
+                raise _StopForward
+            return out
+
+        return fn
+
+    def apply_role(self, name: str, hr: HookRole, act: Tensor, consumer: bool) -> Tensor:
+        m, role, layer = self.method, hr.role, hr.layer
+        fam = self.family
+
+        if role in (Role.EMBED, Role.POS_EMBED):
+            leaf = act.detach().requires_grad_(True)
+            self.leaves[role] = leaf
+            self._record_if_asked(name, leaf)
+            return leaf
+
+        if role is Role.NORM_SCALE:
+            out = act.detach() if m.detach_norm_scale else act
+            if name in self.record_names:
+                self.records[name] = torch.zeros_like(act.detach())
+            return out
+
+        if role in (Role.RESID_PRE, Role.RESID_FINAL):
+            slot = layer if role is Role.RESID_PRE else fam.n_layers
+            self._on_grad(act, lambda g, a=act.detach(): self.residual[:, slot].add_((a * g).sum(-1)))
+            self._record_if_asked(name, act)
+            return act
+
+        if role in (Role.Q, Role.K):
+            share = m.qk_share if consumer else 1.0
+            out = rules.scale_grad(act, share)
+            self.captured[(role, layer)] = out
+            if self.positional_on and fam.pe_type == "shortformer" and consumer:
+                self._on_grad(out, lambda g: self._shortformer_sink(role, layer, share * g))
+            self._record_if_asked(name, out, share)
+            return out
+
+        if role in (Role.ROT_Q, Role.ROT_K):
+            share = m.qk_share if consumer else 1.0
+            rd = fam.rotary_dim
+            factor: Union[float, Tensor] = share
+            if self.positional_on:
+                # uniform rule on R_i q_i: half to the content, half to the rotation (Eq. 10)
+                factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
+                factor[:rd] *= 0.5
+            out = rules.scale_grad(act, factor)
+            self.captured[(role, layer)] = out
+            if self.positional_on:
+                self._on_grad(out, lambda g, y=out.detach(): self._rope_sink(layer, y, share * g))
+            self._record_if_asked(name, out, share)
+            return out
+
+        if role is Role.V:
+            share = m.value_share if consumer else 1.0
+            out = rules.scale_grad(act, share)
+            self._record_if_asked(name, out, share)
+            return out
+
+        if role is Role.SCORES:
+            if not (m.activation_identity and m.pattern_share is not None):
+                self._record_if_asked(name, act)
+                return act
+            q_role, k_role = (Role.ROT_Q, Role.ROT_K) if fam.pe_type == "rotary" else (Role.Q, Role.K)
+            q, k = self.captured[(q_role, layer)], self.captured[(k_role, layer)]
+            raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(layer)
+            cap = fam.attn_softcap
+            capped = cap * torch.tanh(raw.detach() / cap)
+            out = rules.linearized(act, [raw], [rules.identity_rule_ratio(raw.detach(), capped)])
+            self._record_if_asked(name, out)
+            return out
+
+        if role is Role.PATTERN:
+            if m.pattern_share is None and consumer:
+                if name in self.record_names:
+                    self.records[name] = torch.zeros_like(act.detach())
+                return act.detach()
+            share = (m.pattern_share if m.pattern_share is not None else 1.0) if consumer else 1.0
+            out = rules.scale_grad(act, share)
+            self._on_grad(out, lambda g, p=act.detach(): self._softmax_sinks(layer, p, share * g))
+            self._record_if_asked(name, out, share)
+            return out
+
+        if role is Role.Z:
+            self._on_grad(
+                act,
+                lambda g, a=act.detach(): self.heads_by_pos[:, layer].add_((a * g).sum(-1).transpose(1, 2)),
+            )
+            self._record_if_asked(name, act)
+            return act
+
+        if role in (Role.MLP_PRE, Role.MLP_UP):
+            self.captured[(role, layer)] = act
+            self._record_if_asked(name, act)
+            return act
+
+        if role is Role.MLP_MID:
+            out = act
+            if m.activation_identity:
+                out = rules.identity_rule(self.captured[(Role.MLP_PRE, layer)], act)
+            self._record_if_asked(name, out)
+            return out
+
+        if role is Role.MLP_POST:
+            out = act
+            pre = self.captured.get((Role.MLP_PRE, layer))
+            if fam.gated_mlp:
+                if m.gate_share is not None:
+                    up = self.captured[(Role.MLP_UP, layer)]
+                    gate_act = fam.activation(layer)(pre.detach())
+                    out = rules.gated_product(pre, gate_act, up, act, m.gate_share, m.up_share)
+            elif m.activation_identity and (Role.MLP_MID, layer) not in self.captured and not (
+                fam.cfg.act_fn or ""
+            ).endswith("_ln"):
+                out = rules.identity_rule(pre, act)
+            self._on_grad(out, lambda g, a=out.detach(): self.mlp[:, layer].add_((a * g).sum(-1)))
+            self._record_if_asked(name, out)
+            return out
+
+        if role is Role.LOGITS:
+            self.captured[(role, None)] = act
+            self._record_if_asked(name, act)
+            return act
+
+        raise AssertionError(f"unhandled role {role}")  # pragma: no cover
+
+    # -- positional sinks ------------------------------------------------------------------------
+    def _rope_sink(self, layer: int, rotated: Tensor, grad: Tensor) -> None:
+        """Eq. 10: half of R(q~) (and of R(k~)) on the rotated channels goes to the rotation."""
+        rd = self.family.rotary_dim
+        cos, sin = self.family.rotary_tables(layer, self.n_pos, self.attention_mask)
+        c, s = rules.rope_table_relevance(
+            rotated[..., :rd], grad[..., :rd], cos.to(grad.dtype), sin.to(grad.dtype),
+            self.family.rotary_adjacent_pairs,
+        )
+        c, s = 0.5 * c, 0.5 * s
+        self.positional[:, layer].add_((c + s).sum(-1).transpose(1, 2))
+        c, s = c.sum(2), s.sum(2)  # entries of the layer's shared rotation: summed over heads
+        self.rope_cos[layer] = self.rope_cos.get(layer, 0) + c
+        self.rope_sin[layer] = self.rope_sin.get(layer, 0) + s
+
+    def _shortformer_sink(self, role: Role, layer: int, grad: Tensor) -> None:
+        """Epsilon rule on ``ln1(x) + P`` at the query/key input: ``R(P) = P * (W g)``."""
+        pos = self.leaves[Role.POS_EMBED].detach()
+        W_Q, W_K = self.family.shortformer_projections(layer)
+        W = (W_Q if role is Role.Q else W_K).to(grad.dtype)
+        back = torch.einsum("bphe,hde->bphd", grad, W)  # gradient at the q/k input, per head
+        per_head = (back * pos[:, :, None, :]).sum(-1)  # [batch, pos, heads]
+        self.positional[:, layer].add_(per_head.transpose(1, 2))
+        dims = back.sum(2) * pos
+        self.shortformer_dims[layer] = self.shortformer_dims.get(layer, 0) + dims
+
+    def _softmax_sinks(self, layer: int, pattern: Tensor, grad: Tensor) -> None:
+        r_out, r_in, score_grad = rules.softmax_relevance(pattern, grad)
+        self.softmax_absorbed[:, layer].add_((r_out - r_in).sum((1, 2)))
+        if self.positional_on and self.family.pe_type == "alibi":
+            bias = self.family.alibi_bias(layer, self.n_pos).to(grad.dtype)
+            self.positional[:, layer].add_(rules.alibi_position_relevance(bias * score_grad))
+
+    # -- per-layer positive / abs reductions for combined() ----------------------------------------
+    def layer_reductions(self) -> Tuple[Tensor, Tensor]:
+        pos_layer = self.positional.sum(2)  # [batch, layers, pos]
+        positive = torch.zeros_like(pos_layer)
+        absolute = torch.zeros_like(pos_layer)
+        if not self.positional_on:
+            return positive, absolute
+        pe = self.family.pe_type
+        for layer in range(self.family.n_layers):
+            if pe == "rotary" and layer in self.rope_cos:
+                c, s = self.rope_cos[layer], self.rope_sin[layer]
+                positive[:, layer] = c.clamp(min=0).sum(-1) + s.clamp(min=0).sum(-1)
+                absolute[:, layer] = c.sum(-1).abs() + s.sum(-1).abs()
+            elif pe == "shortformer" and layer in self.shortformer_dims:
+                d = self.shortformer_dims[layer]
+                positive[:, layer] = d.clamp(min=0).sum(-1)
+                absolute[:, layer] = d.sum(-1).abs()
+            elif pe == "alibi":
+                positive[:, layer] = pos_layer[:, layer].clamp(min=0)
+                absolute[:, layer] = pos_layer[:, layer].abs()
+        return positive, absolute
+
+
+# ---------------------------------------------------------------------------------------- explain
+def explain(
+    model,
+    tokens,
+    target: TargetSpec,
+    method: str = "pa_lrp",
+    position: Union[int, Tensor] = -1,
+    record: Optional[Iterable[str]] = None,
+    attention_mask: Optional[Tensor] = None,
+    prepend_bos: Optional[bool] = None,
+) -> Attribution:
+    """Explain ``target`` on ``tokens`` with one hooked forward and one relevance sweep.
+
+    Args:
+        model: a TransformerLens ``HookedTransformer``.
+        tokens: a LongTensor ``[batch, pos]`` (right-padded if ``attention_mask`` is given), or a
+            string / list of strings tokenized with the model's tokenizer (right-padded).
+        target: a token id (int, single-token string, or ``[batch]`` tensor) whose logit at
+            ``position`` is explained; a pair ``(correct, wrong)`` for a logit difference; a
+            callable ``metric(logits) -> [batch]``; or ``lp.at_hook(hook_name, fn)``.
+        method: ``"pa_lrp"`` (default), ``"attn_lrp"``, ``"cp_lrp"`` or ``"grad_x_input"``.
+        position: the position of the explained logit, counted within each example's own
+            tokens (``-1``: its last real token); an int or a ``[batch]`` tensor.
+        record: hook names whose relevance (same shape as the activation) is kept in
+            ``attr.hooks``.
+        attention_mask: ``[batch, pos]`` right-padding mask for a LongTensor input.
+        prepend_bos: passed to the tokenizer for string input (model default when None).
+
+    The model is left exactly as it was: hooks removed, ``requires_grad``, mode and gradients
+    restored, whether ``explain`` returns or raises.
+    """
+    family = family_for(model)
+    m = get_method(method)
+    record = list(record or [])
+    for name in record:
+        if not family.has_hook(name):
+            raise ValueError(f"record: the model has no hook point named {name!r}")
+    dtype = next(model.parameters()).dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the model is in {dtype}; lens_palrp computes the sweep in float32 or float64 only "
+            "(half precision loses the small relevances of deep layers). Explain a float32 copy: "
+            "lp.explain(copy.deepcopy(model).to(torch.float32), ...)"
+        )
+    device = next(model.parameters()).device
+    tokens, attention_mask, str_tokens = prepare_tokens(family, tokens, attention_mask, prepend_bos, device)
+    batch, n_pos = tokens.shape
+    lengths = (
+        attention_mask.sum(-1).cpu() if attention_mask is not None else torch.full((batch,), n_pos)
+    )
+    positions = resolve_positions(position, lengths)
+    target_fn, hook_target = resolve_target(target, batch, positions, family)
+
+    sweep = _Sweep(family, m, batch, n_pos, dtype, device, attention_mask, record, hook_target)
+    roles = family.hook_roles()
+    names = set(roles) | set(record) | ({hook_target.hook_name} if hook_target else set())
+    fwd_hooks = [(name, sweep.hook_fn(name, roles.get(name))) for name in names]
+
+    with model_left_unchanged(model, family), torch.inference_mode(False), torch.enable_grad():
+        try:
+            logits = family.forward(tokens, attention_mask, fwd_hooks)
+        except _StopForward:
+            logits = None
+        if hook_target is not None:
+            if sweep.target_value is None:
+                raise ValueError(
+                    f"at_hook: hook point {hook_target.hook_name!r} was not reached in the forward pass"
+                )
+            value = sweep.target_value
+        else:
+            raw = sweep.captured.get((Role.LOGITS, None))
+            if raw is not None and m.activation_identity:
+                logits = rules.identity_rule(raw, logits)  # identity rule on the output softcap
+            value = target_fn(logits)
+        value = _check_target_value(value, batch)
+        leaves = [sweep.leaves[r] for r in (Role.EMBED, Role.POS_EMBED) if r in sweep.leaves]
+        if not value.requires_grad:
+            raise ValueError("the target does not depend on the input: nothing to explain")
+        grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    return _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value.detach(), leaves, grads)
+
+
+def _check_target_value(value, batch: int) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"the target must evaluate to a tensor [batch], got {type(value).__name__}")
+    if value.ndim == 0 and batch == 1:
+        value = value.reshape(1)
+    if value.shape != (batch,):
+        raise ValueError(f"the target must evaluate to shape [batch]=({batch},), got {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(f"the target value is not finite: {value.tolist()}")
+    return value
+
+
+def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value, leaves, grads) -> Attribution:
+    by_role = dict(zip([r for r in (Role.EMBED, Role.POS_EMBED) if r in sweep.leaves], zip(leaves, grads)))
+    embed, g_embed = by_role[Role.EMBED]
+    r_embed = embed.detach() * g_embed
+    zeros_bp = torch.zeros_like(r_embed[..., 0])
+    if Role.POS_EMBED in by_role and m.positional_sinks and family.pe_type == "standard":
+        pos, g_pos = by_role[Role.POS_EMBED]
+        r_pos = pos.detach() * g_pos
+        positional_input, positional_input_positive = r_pos.sum(-1), r_pos.clamp(min=0).sum(-1)
+    else:
+        positional_input, positional_input_positive = zeros_bp, zeros_bp.clone()
+    for role, name in ((Role.EMBED, "hook_embed"), (Role.POS_EMBED, "hook_pos_embed")):
+        if name in sweep.record_names and role in by_role:
+            leaf, g = by_role[role]
+            sweep.records[name] = leaf.detach() * g
+    layer_positive, layer_abs = sweep.layer_reductions()
+    mask = attention_mask if attention_mask is not None else torch.ones_like(tokens)
+    attr = Attribution(
+        semantic=r_embed.sum(-1),
+        positional=sweep.positional,
+        positional_input=positional_input,
+        heads=sweep.heads_by_pos.sum(-1),
+        heads_by_pos=sweep.heads_by_pos,
+        mlp=sweep.mlp,
+        residual=sweep.residual,
+        target_value=value,
+        tokens=tokens,
+        str_tokens=str_tokens,
+        method=m.name,
+        attention_mask=mask,
+        target_position=positions,
+        hooks=sweep.records,
+        semantic_positive=r_embed.clamp(min=0).sum(-1),
+        positional_input_positive=positional_input_positive,
+        positional_layer_positive=layer_positive,
+        positional_layer_abs=layer_abs,
+        softmax_absorbed_per_layer=sweep.softmax_absorbed,
+        model_name=str(getattr(family.cfg, "model_name", "")),
+    )
+    _check_finite(attr)
+    return attr
+
+
+def _check_finite(attr: Attribution) -> None:
+    for name in ("semantic", "positional", "positional_input", "heads_by_pos", "mlp", "residual"):
+        if not bool(torch.isfinite(getattr(attr, name)).all()):
+            raise FloatingPointError(
+                f"the relevance '{name}' contains NaN or inf; check the model's weights and inputs"
+            )

@@ -1,0 +1,18 @@
+"""Model families: each module maps one family's hook points to the sweep's roles."""
+
+from __future__ import annotations
+
+from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily, is_hooked_transformer
+from lens_palrp.hooks.roles import HookRole, Role
+
+__all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily"]
+
+
+def family_for(model):
+    """The adapter for ``model``, or a ``TypeError`` naming what is supported."""
+    if is_hooked_transformer(model):
+        return HookedTransformerFamily(model)
+    raise TypeError(
+        f"lens_palrp cannot explain a {type(model).__module__}.{type(model).__name__}: "
+        "supported models are transformer_lens.HookedTransformer"
+    )

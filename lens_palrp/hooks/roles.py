@@ -1,0 +1,39 @@
+"""The roles a hook point can play in the relevance sweep.
+
+A model family (one module in ``lens_palrp.hooks``) declares which of its hook points plays which
+role; the engine knows which rule each role gets under each method. Adding a family means
+mapping its hook names to these roles, nothing more.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+
+class Role(enum.Enum):
+    EMBED = "token embedding (semantic sink)"
+    POS_EMBED = "input positional embedding (positional sink)"
+    NORM_SCALE = "normalization scale (detached under LRP)"
+    RESID_PRE = "residual stream entering a layer"
+    RESID_FINAL = "residual stream after the last layer"
+    Q = "query (unrotated)"
+    K = "key (unrotated)"
+    ROT_Q = "rotated query (RoPE sink)"
+    ROT_K = "rotated key (RoPE sink)"
+    V = "value"
+    SCORES = "attention scores before softmax"
+    PATTERN = "attention pattern (softmax output)"
+    Z = "per-head attention output before W_O"
+    MLP_PRE = "MLP pre-activation (gate side for gated MLPs)"
+    MLP_UP = "gated MLP linear (up) branch"
+    MLP_MID = "MLP activation output before an activation LayerNorm"
+    MLP_POST = "MLP post-activation"
+    LOGITS = "unembedding output before the output softcap"
+
+
+@dataclass(frozen=True)
+class HookRole:
+    role: Role
+    layer: Optional[int] = None

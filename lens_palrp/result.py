@@ -1,0 +1,221 @@
+"""``Attribution``: everything one relevance sweep produces, and the ways to aggregate it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("relu", "abs", "signed")
+PARTS = ("all", "semantic", "positional")
+
+
+@dataclass
+class Conservation:
+    """Where the explained value went, per example (``[batch]``) and per layer (``[batch, layers]``).
+
+    ``semantic + positional_input + positional + softmax_absorbed + other_absorbed == target_value``
+    holds by construction; ``softmax_absorbed`` is measured at every softmax, so
+    ``other_absorbed`` is what the remaining rules absorbed: biases (and, for plain gradient x
+    input, the non-conservative gradients of non-linearities). On a bias-free model under an LRP
+    method it is zero up to rounding.
+    """
+
+    target_value: Tensor
+    semantic: Tensor
+    positional_input: Tensor
+    positional: Tensor
+    positional_per_layer: Tensor
+    softmax_absorbed: Tensor
+    softmax_absorbed_per_layer: Tensor
+    other_absorbed: Tensor
+    absorbed_per_layer: Tensor
+
+    @property
+    def positional_share(self) -> Tensor:
+        """Positional relevance (input + attention level) over all explained relevance, signed."""
+        pos = self.positional_input + self.positional
+        return pos / (self.semantic + pos)
+
+    def as_dict(self, index: int = 0) -> Dict[str, object]:
+        out: Dict[str, object] = {}
+        for name in (
+            "target_value", "semantic", "positional_input", "positional",
+            "softmax_absorbed", "other_absorbed",
+        ):
+            out[name] = float(getattr(self, name)[index])
+        out["positional_per_layer"] = self.positional_per_layer[index].tolist()
+        out["softmax_absorbed_per_layer"] = self.softmax_absorbed_per_layer[index].tolist()
+        out["absorbed_per_layer"] = self.absorbed_per_layer[index].tolist()
+        return out
+
+    def __str__(self) -> str:
+        lines = []
+        for b in range(self.target_value.shape[0]):
+            t = float(self.target_value[b])
+            def row(label, value):
+                v = float(value)
+                share = f"{100 * v / t:8.2f}%" if t != 0 else ""
+                return f"  {label:<34}{v: .6g}{share:>12}"
+            lines.append(f"example {b}:")
+            lines.append(row("target value", self.target_value[b]))
+            lines.append(row("semantic (token embeddings)", self.semantic[b]))
+            lines.append(row("positional, input PE", self.positional_input[b]))
+            lines.append(row("positional, attention level", self.positional[b]))
+            lines.append(row("absorbed by softmax rules", self.softmax_absorbed[b]))
+            lines.append(row("absorbed by biases / other", self.other_absorbed[b]))
+            per_layer = ", ".join(f"{v:.3g}" for v in self.positional_per_layer[b].tolist())
+            lines.append(f"  positional per layer: [{per_layer}]")
+        return "\n".join(lines)
+
+
+@dataclass
+class Attribution:
+    """Relevance of one explained scalar per example. All tensors are ``[batch, ...]``.
+
+    ``semantic`` and ``positional_input`` are summed over ``d_model``; ``positional`` is the
+    attention-level positional sink per layer, head and position; ``heads`` / ``heads_by_pos`` the
+    relevance each head writes into the residual stream (through ``W_O``, without ``b_O``);
+    ``mlp`` the relevance of each layer's MLP neurons (without ``b_out``); ``residual`` the
+    relevance of the residual stream entering each layer, and the final one.
+    Padded positions (``attention_mask == 0``) hold zeros.
+    """
+
+    semantic: Tensor
+    positional: Tensor
+    positional_input: Tensor
+    heads: Tensor
+    heads_by_pos: Tensor
+    mlp: Tensor
+    residual: Tensor
+    target_value: Tensor
+    tokens: Tensor
+    str_tokens: List[List[str]]
+    method: str
+    attention_mask: Tensor
+    target_position: Tensor
+    hooks: Dict[str, Tensor] = field(default_factory=dict)
+    # per-sink reductions needed by combined(): positive part and "abs" (authors' code) variants
+    semantic_positive: Optional[Tensor] = None
+    positional_input_positive: Optional[Tensor] = None
+    positional_layer_positive: Optional[Tensor] = None
+    positional_layer_abs: Optional[Tensor] = None
+    softmax_absorbed_per_layer: Optional[Tensor] = None
+    model_name: str = ""
+
+    @property
+    def batch_size(self) -> int:
+        return self.semantic.shape[0]
+
+    @property
+    def positional_per_layer(self) -> Tensor:
+        """``[batch, layers, pos]``: attention-level positional relevance summed over heads."""
+        return self.positional.sum(2)
+
+    def combined(
+        self,
+        aggregation: str = "relu",
+        parts: str = "all",
+        normalize: Optional[bool] = None,
+    ) -> Tensor:
+        """The multi-sink PA-LRP map ``[batch, pos]`` (REFERENCE.md section 2).
+
+        ``aggregation="relu"`` is the paper's Eq. 11: the positive parts of every channel of the
+        token sink and of every layer's positional sink, summed. ``"abs"`` follows the authors'
+        published code: the token sink summed signed, each positional table (per layer; for RoPE
+        the cos and the sin table separately) summed over channels and taken in absolute value,
+        then the map divided by its max-abs (``normalize`` overrides that last step).
+        ``"signed"`` adds the signed sums. ``parts="positional"`` is the paper's PE-only map.
+        """
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if parts not in PARTS:
+            raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
+        use_sem = parts in ("all", "semantic")
+        use_pos = parts in ("all", "positional")
+        out = torch.zeros_like(self.semantic)
+        if aggregation == "relu":
+            if use_sem:
+                out = out + self.semantic_positive
+            if use_pos:
+                out = out + self.positional_input_positive + self.positional_layer_positive.sum(1)
+        elif aggregation == "abs":
+            if use_sem:
+                out = out + self.semantic
+            if use_pos:
+                out = out + self.positional_input.abs() + self.positional_layer_abs.sum(1)
+        else:
+            if use_sem:
+                out = out + self.semantic
+            if use_pos:
+                out = out + self.positional_input + self.positional.sum((1, 2))
+        if normalize is None:
+            normalize = aggregation == "abs"
+        if normalize:
+            scale = out.abs().amax(dim=-1, keepdim=True)
+            out = out / torch.where(scale == 0, torch.ones_like(scale), scale)
+        return out
+
+    def conservation(self) -> Conservation:
+        """Target value, totals of every sink, and what the rules absorbed, as numbers."""
+        semantic = self.semantic.sum(-1)
+        positional_input = self.positional_input.sum(-1)
+        per_layer = self.positional.sum((2, 3))
+        positional = per_layer.sum(-1)
+        softmax_layers = self.softmax_absorbed_per_layer
+        softmax = softmax_layers.sum(-1)
+        other = self.target_value - semantic - positional_input - positional - softmax
+        resid = self.residual.sum(-1)
+        absorbed_layers = resid[:, 1:] - resid[:, :-1] - per_layer
+        return Conservation(
+            target_value=self.target_value,
+            semantic=semantic,
+            positional_input=positional_input,
+            positional=positional,
+            positional_per_layer=per_layer,
+            softmax_absorbed=softmax,
+            softmax_absorbed_per_layer=softmax_layers,
+            other_absorbed=other,
+            absorbed_per_layer=absorbed_layers,
+        )
+
+    def top_tokens(self, index: int = 0, k: int = 5, which: str = "semantic"):
+        """The ``k`` most relevant ``(position, token, value)`` of one example.
+
+        ``which`` is ``"semantic"``, ``"positional"`` (input + attention level, signed) or
+        ``"combined"`` (the default ``combined()`` map).
+        """
+        if which == "semantic":
+            scores = self.semantic[index]
+        elif which == "positional":
+            scores = self.positional_input[index] + self.positional[index].sum((0, 1))
+        elif which == "combined":
+            scores = self.combined()[index]
+        else:
+            raise ValueError("which must be 'semantic', 'positional' or 'combined'")
+        n = int(self.attention_mask[index].sum())
+        k = min(k, n)
+        values, positions = scores[:n].topk(k)
+        toks = self.str_tokens[index]
+        return [(int(p), toks[int(p)], float(v)) for v, p in zip(values, positions)]
+
+    def to(self, device) -> "Attribution":
+        """A copy with every tensor moved to ``device``."""
+        moved = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device)
+            elif isinstance(value, dict):
+                moved[name] = {k: v.to(device) for k, v in value.items()}
+            else:
+                moved[name] = value
+        return Attribution(**moved)
+
+    def __repr__(self) -> str:
+        b, layers, heads, pos = self.positional.shape
+        return (
+            f"Attribution(method={self.method!r}, batch={b}, pos={pos}, layers={layers}, "
+            f"heads={heads}, target_value={[round(float(v), 4) for v in self.target_value]})"
+        )

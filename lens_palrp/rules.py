@@ -1,0 +1,180 @@
+"""LRP rules as small pure functions.
+
+Every rule here is realized as *gradient x input with a patched backward*: the forward value of a
+node is left bit-identical, only the gradient that flows through it changes, so that
+``R(x) = x * dy/dx`` read at any node equals the rule's relevance. The functions fall in two groups:
+
+* gradient patches used during the hooked forward (``scale_grad``, ``linearized``,
+  ``identity_rule_ratio``, ``gated_product``);
+* closed-form reductions used on (activation, gradient) pairs during the sweep
+  (``rope_table_relevance``, ``alibi_position_relevance``, ``softmax_relevance``).
+
+Each has a slow element-wise reference in ``tests/reference_rules.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+Factor = Union[float, Tensor]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient multiplied by a constant (or broadcastable tensor)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: Factor) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: Factor) -> Tensor:
+    """Same value as ``x``; the gradient flowing back into ``x`` is multiplied by ``factor``.
+
+    This is the uniform rule for a product seen from one factor: with ``factor=0.5`` the factor
+    receives half the relevance of the product.
+    """
+    if isinstance(factor, (int, float)) and factor == 1:
+        return x
+    return _ScaleGrad.apply(x, factor)
+
+
+class _Linearized(torch.autograd.Function):
+    """Forward returns ``value``; backward sends ``grad * weight_i`` to ``input_i``."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, *inputs_and_weights: Tensor) -> Tensor:
+        weights = inputs_and_weights[1::2]
+        ctx.save_for_backward(*weights)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grads = [None]
+        for weight in ctx.saved_tensors:
+            grads.extend([grad * weight, None])
+        return tuple(grads)
+
+
+def linearized(value: Tensor, inputs: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+    """A node whose forward value is ``value`` and whose local Jacobian is ``diag(weight_i)``.
+
+    Used to replace a non-linear node ``value = f(inputs)`` by the linear map an LRP rule
+    prescribes, without recomputing or changing the value.
+    """
+    args = []
+    for x, w in zip(inputs, weights):
+        args.extend([x, w.detach()])
+    return _Linearized.apply(value.detach(), *args)
+
+
+def identity_rule_ratio(x: Tensor, fx: Tensor) -> Tensor:
+    """Gradient of the identity rule ``R(x) = R(f(x))``: ``f(x) / x`` (0 where ``x == 0``).
+
+    Where ``x == 0`` the input relevance ``x * grad`` is 0 whatever the ratio, so no epsilon is
+    needed and the rule is exact element-wise for every ``f`` with ``f(0) = 0``.
+    """
+    safe = torch.where(x == 0, torch.ones_like(x), x)
+    return torch.where(x == 0, torch.zeros_like(x), fx / safe)
+
+
+def identity_rule(x: Tensor, fx: Tensor) -> Tensor:
+    """Element-wise non-linearity under the identity rule: value ``fx``, relevance passes 1:1."""
+    return linearized(fx, [x], [identity_rule_ratio(x.detach(), fx.detach())])
+
+
+def gated_product(
+    gate_pre: Tensor,
+    gate_act: Tensor,
+    up: Tensor,
+    value: Tensor,
+    gate_share: float,
+    up_share: float,
+) -> Tensor:
+    """``value = act(gate_pre) * up (+ bias)`` under the uniform product rule.
+
+    ``gate_share`` / ``up_share`` are the parts of the product's relevance each factor gets
+    (AttnLRP: 1/2 and 1/2; CP-LRP: 0 and 1, the gate treated as a constant). The activation on the
+    gate side follows the identity rule, so ``gate_pre`` receives exactly the gate's share.
+    """
+    gate_pre_d, gate_act_d, up_d = gate_pre.detach(), gate_act.detach(), up.detach()
+    inputs, weights = [], []
+    if gate_share:
+        inputs.append(gate_pre)
+        weights.append(gate_share * up_d * identity_rule_ratio(gate_pre_d, gate_act_d))
+    if up_share:
+        inputs.append(up)
+        weights.append(up_share * gate_act_d)
+    return linearized(value, inputs, weights)
+
+
+def rotate_every_two(x: Tensor, adjacent_pairs: bool) -> Tensor:
+    """The ``J`` of RoPE: maps each rotated pair ``(a, b)`` to ``(-b, a)``, in either layout."""
+    if adjacent_pairs:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([-b, a], dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rope_table_relevance(
+    rotated: Tensor, grad: Tensor, cos: Tensor, sin: Tensor, adjacent_pairs: bool
+) -> tuple[Tensor, Tensor]:
+    """Relevance of the cos and sin entries of the RoPE rotation ``R`` (Eq. 7-10).
+
+    ``rotated = x * cos + J(x) * sin`` is a sum of products of content ``x`` and table entries;
+    the per-term relevance ``term * grad`` is returned for the cos and the sin terms (same shape as
+    ``rotated``). Their sum is ``rotated * grad``. The caller applies the uniform-rule share.
+    The content ``x`` is recovered by the inverse rotation, ``x = (y cos - J(y) sin) / (cos^2 +
+    sin^2)``, which is exact because both entries of a pair share one angle.
+    """
+    norm = cos * cos + sin * sin
+    x = (rotated * cos - rotate_every_two(rotated, adjacent_pairs) * sin) / norm
+    return x * cos * grad, rotate_every_two(x, adjacent_pairs) * sin * grad
+
+
+def alibi_split_weights(n_pos: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """Weights of Eq. 16 with the conservation-correct sign.
+
+    ``P_ij = m (j - i)`` is split over the query position ``i`` and the key position ``j`` by the
+    epsilon rule on ``i + (-j)``: ``R(i) = i R(P) / (i - j)``, ``R(j) = -j R(P) / (i - j)``. The
+    two shares sum to ``R(P)``. Where ``i == j`` the bias is 0 and both weights are 0.
+    Positions count from 0, as TransformerLens builds the bias.
+    """
+    i = torch.arange(n_pos, dtype=dtype, device=device)[:, None]
+    j = torch.arange(n_pos, dtype=dtype, device=device)[None, :]
+    diff = i - j
+    safe = torch.where(diff == 0, torch.ones_like(diff), diff)
+    to_query = torch.where(diff == 0, torch.zeros_like(diff), i / safe)
+    to_key = torch.where(diff == 0, torch.zeros_like(diff), -j / safe)
+    return to_query, to_key
+
+
+def alibi_position_relevance(bias_relevance: Tensor) -> Tensor:
+    """Per-position relevance ``[..., pos]`` from the ALiBi bias relevance ``[..., query, key]``."""
+    n_pos = bias_relevance.shape[-1]
+    to_query, to_key = alibi_split_weights(n_pos, bias_relevance.dtype, bias_relevance.device)
+    return (bias_relevance * to_query).sum(-1) + (bias_relevance * to_key).sum(-2)
+
+
+def softmax_relevance(pattern: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Relevance in and out of a softmax row, from its output and the gradient it receives.
+
+    Returns ``(R_out, R_in, score_grad)`` summed over keys (``[..., query]``) except
+    ``score_grad``, the gradient at the scores ``p (g - <p, g>)``. ``R_in = scores * score_grad``
+    is computed without the scores: inside a row ``scores = log p + c`` and ``sum(score_grad)``
+    is 0, so ``R_in = sum_j p log p (g - <p, g>)``. ``R_out - R_in`` is what the softmax rule
+    (deep Taylor with bias) absorbs.
+    """
+    weighted = pattern * grad
+    row = weighted.sum(-1, keepdim=True)
+    score_grad = weighted - pattern * row
+    r_in = (torch.special.xlogy(pattern, pattern) * (grad - row)).sum(-1)
+    return row.squeeze(-1), r_in, score_grad

@@ -1,0 +1,108 @@
+"""What to explain: a logit, a logit difference, a metric on the logits, or an internal scalar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class HookTarget:
+    """Explain ``fn(activation) -> [batch]`` computed at hook point ``hook_name``.
+
+    The forward stops there, and relevance flows down from that point. For the relevance to be
+    conserved, ``fn`` should be linear in the activation (a neuron, a direction, a head's output
+    along a direction).
+    """
+
+    hook_name: str
+    fn: Callable[[Tensor], Tensor]
+
+
+def at_hook(hook_name: str, fn: Callable[[Tensor], Tensor]) -> HookTarget:
+    """Target a scalar per example computed from the activation at ``hook_name``.
+
+    >>> lp.explain(model, tokens, lp.at_hook("blocks.1.mlp.hook_post", lambda a: a[:, -1, 42]))
+    """
+    if not isinstance(hook_name, str):
+        raise TypeError("at_hook needs the hook point's name as a string")
+    if not callable(fn):
+        raise TypeError("at_hook needs a callable fn(activation) -> [batch]")
+    return HookTarget(hook_name, fn)
+
+
+TargetSpec = Union[int, str, Tensor, tuple, Callable[[Tensor], Tensor], HookTarget]
+
+
+class LogitTarget:
+    """``logits[b, position_b, correct_b] - logits[b, position_b, wrong_b]`` (wrong optional)."""
+
+    def __init__(self, correct: Tensor, wrong, positions: Tensor):
+        self.correct = correct
+        self.wrong = wrong
+        self.positions = positions
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        at_pos = logits[rows, self.positions.to(logits.device)]
+        value = at_pos[rows, self.correct.to(logits.device)]
+        if self.wrong is not None:
+            value = value - at_pos[rows, self.wrong.to(logits.device)]
+        return value
+
+
+def _as_ids(spec, batch: int, family, what: str) -> Tensor:
+    if isinstance(spec, str):
+        try:
+            spec = family.to_single_token(spec)
+        except Exception as err:  # the tokenizer says why (several tokens, no tokenizer, ...)
+            raise ValueError(f"{what} {spec!r} is not a single token of this model: {err}") from None
+    if isinstance(spec, bool):
+        raise TypeError(f"{what} must be a token id, got a bool")
+    if isinstance(spec, int):
+        ids = torch.full((batch,), spec, dtype=torch.long)
+    elif isinstance(spec, Tensor):
+        if spec.dtype.is_floating_point or spec.dtype == torch.bool:
+            raise TypeError(f"{what} ids must be an integer tensor, got {spec.dtype}")
+        ids = spec.reshape(-1).long().cpu()
+        if ids.numel() == 1:
+            ids = ids.expand(batch).clone()
+        if ids.numel() != batch:
+            raise ValueError(f"{what} has {ids.numel()} ids for a batch of {batch}")
+    else:
+        raise TypeError(
+            f"{what} must be an int, a single-token string or a [batch] tensor of ids, "
+            f"got {type(spec).__name__}"
+        )
+    vocab = family.d_vocab_out
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        raise ValueError(
+            f"{what} id {int(ids[bad][0])} is out of the vocabulary (0..{vocab - 1})"
+        )
+    return ids
+
+
+def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family):
+    """Turn the user's ``target`` into ``(callable on logits or None, HookTarget or None)``."""
+    if isinstance(target, HookTarget):
+        if not family.has_hook(target.hook_name):
+            raise ValueError(f"at_hook: the model has no hook point named {target.hook_name!r}")
+        return None, target
+    if isinstance(target, tuple):
+        if len(target) != 2:
+            raise ValueError("a logit-difference target is a pair (correct_id, wrong_id)")
+        correct = _as_ids(target[0], batch, family, "correct target")
+        wrong = _as_ids(target[1], batch, family, "wrong target")
+        return LogitTarget(correct, wrong, positions), None
+    if isinstance(target, (int, str, Tensor)):
+        return LogitTarget(_as_ids(target, batch, family, "target"), None, positions), None
+    if callable(target):
+        return target, None
+    raise TypeError(
+        "target must be a token id, a [batch] tensor of ids, a pair (correct, wrong), "
+        f"a callable metric(logits) -> [batch], or lp.at_hook(...); got {type(target).__name__}"
+    )
