@@ -171,7 +171,10 @@ class _Sweep:
         self.captured: Dict[tuple, Tensor] = {}
         self.records: Dict[str, Tensor] = {}
         self.target_value: Optional[Tensor] = None
-        self.positional_on = method.positional_sinks
+        # RoPE is split only under PA-LRP; additive PEs (input, shortformer, ALiBi) are measured
+        # under every method, and reported as the leak where the method has no PE rule
+        self.rope_split = method.positional_sinks
+        self.additive_sinks = family.pe_type in ("standard", "shortformer", "alibi")
 
     # -- helpers ---------------------------------------------------------------------------------
     def _on_grad(self, tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
@@ -184,10 +187,12 @@ class _Sweep:
 
     def _keep(self, name: str, relevance: Tensor) -> None:
         relevance = self.family.fold_kv(name, relevance.detach())
-        self.records[name] = self.records.get(name, 0) + relevance
+        self.records[name] = self.records[name] + relevance
 
     def _record_if_asked(self, name: str, out: Tensor, share: float = 1.0) -> None:
         if name in self.record_names:
+            # zeros where no relevance arrives (e.g. a gate held constant)
+            self.records[name] = self.family.fold_kv(name, torch.zeros_like(out.detach()))
             def keep(g, out=out.detach()):
                 rel = share * out * g
                 self._keep(name, torch.where(torch.isfinite(rel), rel, torch.zeros_like(rel)))
@@ -235,7 +240,7 @@ class _Sweep:
             share = m.qk_share if consumer else 1.0
             out = rules.scale_grad(act, share)
             self.captured[(role, layer)] = out
-            if self.positional_on and fam.pe_type == "shortformer" and consumer:
+            if self.additive_sinks and fam.pe_type == "shortformer" and consumer:
                 self._on_grad(out, lambda g: self._shortformer_sink(role, layer, share * g))
             self._record_if_asked(name, out, share)
             return out
@@ -244,13 +249,13 @@ class _Sweep:
             share = m.qk_share if consumer else 1.0
             rd = fam.rotary_dim
             factor: Union[float, Tensor] = share
-            if self.positional_on:
+            if self.rope_split:
                 # uniform rule on R_i q_i: half to the content, half to the rotation (Eq. 10)
                 factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
                 factor[:rd] *= 0.5
             out = rules.scale_grad(act, factor)
             self.captured[(role, layer)] = out
-            if self.positional_on:
+            if self.rope_split:
                 self._on_grad(out, lambda g, y=out.detach(): self._rope_sink(layer, y, share * g))
             self._record_if_asked(name, out, share)
             return out
@@ -355,9 +360,12 @@ class _Sweep:
         self.shortformer_dims[layer] = self.shortformer_dims.get(layer, 0) + dims
 
     def _softmax_sinks(self, layer: int, pattern: Tensor, grad: Tensor) -> None:
-        r_out, r_in, score_grad = rules.softmax_relevance(pattern, grad)
+        sinks = self.family.attention_sinks(layer)
+        if sinks is not None:
+            sinks = sinks.detach().to(grad.dtype)[None, :, None]
+        r_out, r_in, score_grad = rules.softmax_relevance(pattern, grad, sinks)
         self.softmax_absorbed[:, layer].add_((r_out - r_in).sum((1, 2)))
-        if self.positional_on and self.family.pe_type == "alibi":
+        if self.additive_sinks and self.family.pe_type == "alibi":
             bias = self.family.alibi_bias(layer, self.n_pos).to(grad.dtype)
             self.positional[:, layer].add_(rules.alibi_position_relevance(bias * score_grad))
 
@@ -366,8 +374,6 @@ class _Sweep:
         pos_layer = self.positional.sum(2)  # [batch, layers, pos]
         positive = torch.zeros_like(pos_layer)
         absolute = torch.zeros_like(pos_layer)
-        if not self.positional_on:
-            return positive, absolute
         pe = self.family.pe_type
         for layer in range(self.family.n_layers):
             if pe == "rotary" and layer in self.rope_cos:
@@ -484,7 +490,7 @@ def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, v
     embed, g_embed = by_role[Role.EMBED]
     r_embed = embed.detach() * g_embed
     zeros_bp = torch.zeros_like(r_embed[..., 0])
-    if Role.POS_EMBED in by_role and m.positional_sinks and family.pe_type == "standard":
+    if Role.POS_EMBED in by_role and family.pe_type == "standard":
         pos, g_pos = by_role[Role.POS_EMBED]
         r_pos = pos.detach() * g_pos
         positional_input, positional_input_positive = r_pos.sum(-1), r_pos.clamp(min=0).sum(-1)
@@ -495,10 +501,19 @@ def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, v
             leaf, g = by_role[role]
             sweep.records[name] = leaf.detach() * g
     layer_positive, layer_abs = sweep.layer_reductions()
+    positional = sweep.positional
+    leak_layers = torch.zeros_like(sweep.softmax_absorbed)
+    leak_input = torch.zeros_like(value)
+    if not m.positional_sinks:  # no PE rule: the positional relevance leaks, reported, not mapped
+        leak_layers, leak_input = positional.sum((2, 3)), positional_input.sum(-1)
+        positional = torch.zeros_like(positional)
+        positional_input = torch.zeros_like(positional_input)
+        positional_input_positive = torch.zeros_like(positional_input)
+        layer_positive, layer_abs = torch.zeros_like(layer_positive), torch.zeros_like(layer_abs)
     mask = attention_mask if attention_mask is not None else torch.ones_like(tokens)
     attr = Attribution(
         semantic=r_embed.sum(-1),
-        positional=sweep.positional,
+        positional=positional,
         positional_input=positional_input,
         heads=sweep.heads_by_pos.sum(-1),
         heads_by_pos=sweep.heads_by_pos,
@@ -516,6 +531,8 @@ def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, v
         positional_layer_positive=layer_positive,
         positional_layer_abs=layer_abs,
         softmax_absorbed_per_layer=sweep.softmax_absorbed,
+        positional_leak_per_layer=leak_layers,
+        positional_leak_input=leak_input,
         model_name=str(getattr(family.cfg, "model_name", "")),
     )
     _check_finite(attr)

@@ -16,11 +16,14 @@ PARTS = ("all", "semantic", "positional")
 class Conservation:
     """Where the explained value went, per example (``[batch]``) and per layer (``[batch, layers]``).
 
-    ``semantic + positional_input + positional + softmax_absorbed + other_absorbed == target_value``
-    holds by construction; ``softmax_absorbed`` is measured at every softmax, so
-    ``other_absorbed`` is what the remaining rules absorbed: biases (and, for plain gradient x
-    input, the non-conservative gradients of non-linearities). On a bias-free model under an LRP
-    method it is zero up to rounding.
+    ``semantic + positional_input + positional + positional_leak + softmax_absorbed +
+    other_absorbed == target_value`` holds by construction. ``positional_leak`` is the relevance
+    that flows into additive positional encodings (input PE, shortformer, ALiBi) under a method
+    without PE rules: measured, but absent from its maps (PA-LRP turns it into sinks; RoPE under
+    AttnLRP does not leak, the rotation passes all relevance to q and k). ``softmax_absorbed`` is
+    measured at every softmax, so ``other_absorbed`` is what the remaining rules absorbed: biases
+    (and, for plain gradient x input, the non-conservative gradients of non-linearities). On a
+    bias-free model under an LRP method it is zero up to rounding.
     """
 
     target_value: Tensor
@@ -28,6 +31,8 @@ class Conservation:
     positional_input: Tensor
     positional: Tensor
     positional_per_layer: Tensor
+    positional_leak: Tensor
+    positional_leak_per_layer: Tensor
     softmax_absorbed: Tensor
     softmax_absorbed_per_layer: Tensor
     other_absorbed: Tensor
@@ -42,7 +47,7 @@ class Conservation:
     def as_dict(self, index: int = 0) -> Dict[str, object]:
         out: Dict[str, object] = {}
         for name in (
-            "target_value", "semantic", "positional_input", "positional",
+            "target_value", "semantic", "positional_input", "positional", "positional_leak",
             "softmax_absorbed", "other_absorbed",
         ):
             out[name] = float(getattr(self, name)[index])
@@ -64,6 +69,7 @@ class Conservation:
             lines.append(row("semantic (token embeddings)", self.semantic[b]))
             lines.append(row("positional, input PE", self.positional_input[b]))
             lines.append(row("positional, attention level", self.positional[b]))
+            lines.append(row("positional leak (no PE rule)", self.positional_leak[b]))
             lines.append(row("absorbed by softmax rules", self.softmax_absorbed[b]))
             lines.append(row("absorbed by biases / other", self.other_absorbed[b]))
             per_layer = ", ".join(f"{v:.3g}" for v in self.positional_per_layer[b].tolist())
@@ -103,6 +109,8 @@ class Attribution:
     positional_layer_positive: Optional[Tensor] = None
     positional_layer_abs: Optional[Tensor] = None
     softmax_absorbed_per_layer: Optional[Tensor] = None
+    positional_leak_per_layer: Optional[Tensor] = None
+    positional_leak_input: Optional[Tensor] = None
     model_name: str = ""
 
     @property
@@ -166,7 +174,9 @@ class Attribution:
         positional = per_layer.sum(-1)
         softmax_layers = self.softmax_absorbed_per_layer
         softmax = softmax_layers.sum(-1)
-        other = self.target_value - semantic - positional_input - positional - softmax
+        leak_layers = self.positional_leak_per_layer
+        leak = leak_layers.sum(-1) + self.positional_leak_input
+        other = self.target_value - semantic - positional_input - positional - leak - softmax
         resid = self.residual.sum(-1)
         absorbed_layers = resid[:, 1:] - resid[:, :-1] - per_layer
         return Conservation(
@@ -175,6 +185,8 @@ class Attribution:
             positional_input=positional_input,
             positional=positional,
             positional_per_layer=per_layer,
+            positional_leak=leak,
+            positional_leak_per_layer=leak_layers,
             softmax_absorbed=softmax,
             softmax_absorbed_per_layer=softmax_layers,
             other_absorbed=other,

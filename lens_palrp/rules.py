@@ -14,7 +14,7 @@ Each has a slow element-wise reference in ``tests/reference_rules.py``.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -164,17 +164,24 @@ def alibi_position_relevance(bias_relevance: Tensor) -> Tensor:
     return (bias_relevance * to_query).sum(-1) + (bias_relevance * to_key).sum(-2)
 
 
-def softmax_relevance(pattern: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def softmax_relevance(
+    pattern: Tensor, grad: Tensor, sink_logit: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Relevance in and out of a softmax row, from its output and the gradient it receives.
 
-    Returns ``(R_out, R_in, score_grad)`` summed over keys (``[..., query]``) except
-    ``score_grad``, the gradient at the scores ``p (g - <p, g>)``. ``R_in = scores * score_grad``
-    is computed without the scores: inside a row ``scores = log p + c`` and ``sum(score_grad)``
-    is 0, so ``R_in = sum_j p log p (g - <p, g>)``. ``R_out - R_in`` is what the softmax rule
-    (deep Taylor with bias) absorbs.
+    Returns ``(R_out, R_in, score_grad)``, the first two summed over keys (``[..., query]``), and
+    ``score_grad = p (g - <p, g>)``, the gradient at the scores. ``R_in = sum_j s_j score_grad_j``
+    is computed without the scores: inside a row ``s_j = log p_j + c`` with ``c`` the row's
+    log-partition, so ``R_in = sum_j p_j log p_j (g_j - <p, g>) + c sum_j score_grad_j``; the last
+    sum is 0 for a plain softmax and ``<p, g> p_sink`` when a learned sink logit joins the softmax
+    (then ``c = sink_logit - log p_sink``). ``R_out - R_in`` is what the softmax rule absorbs.
     """
     weighted = pattern * grad
     row = weighted.sum(-1, keepdim=True)
     score_grad = weighted - pattern * row
     r_in = (torch.special.xlogy(pattern, pattern) * (grad - row)).sum(-1)
+    if sink_logit is not None:
+        p_sink = (1 - pattern.sum(-1)).clamp(min=torch.finfo(pattern.dtype).tiny)
+        log_partition = sink_logit - torch.log(p_sink)
+        r_in = r_in + log_partition * row.squeeze(-1) * p_sink
     return row.squeeze(-1), r_in, score_grad

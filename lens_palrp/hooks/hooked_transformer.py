@@ -82,7 +82,6 @@ class HookedTransformerFamily:
                 cfg, "clip_qkv", None
             )
             is not None,
-            "use_attention_sinks": bool(getattr(cfg, "use_attention_sinks", False)),
             "gated_mlp with a LayerNorm activation (act_fn ending in '_ln')": bool(cfg.gated_mlp)
             and cfg.act_fn is not None
             and cfg.act_fn.endswith("_ln"),
@@ -175,6 +174,12 @@ class HookedTransformerFamily:
         """The ALiBi bias ``[heads, query, key]`` that the forward added to the scores."""
         alibi = self.model.blocks[layer].attn.alibi
         return alibi[:, -n_pos:, :n_pos]
+
+    def attention_sinks(self, layer: int) -> Optional[Tensor]:
+        """Learned per-head sink logits ``[heads]`` that join the softmax (GPT-OSS), or None."""
+        if not getattr(self.cfg, "use_attention_sinks", False):
+            return None
+        return self.model.blocks[layer].attn.sinks
 
     def shortformer_projections(self, layer: int) -> Tuple[Tensor, Tensor]:
         """``W_Q`` and ``W_K`` ``[heads, d_model, d_head]`` (keys ungrouped for GQA)."""
