@@ -59,6 +59,8 @@ def prepare_tokens(
         raise TypeError(f"tokens must be a string, a list of strings or a LongTensor, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.is_inference():  # made under torch.inference_mode(): autograd cannot use it
+        tokens = tokens.clone()
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2:
@@ -421,6 +423,12 @@ def explain(
     The model is left exactly as it was: hooks removed, ``requires_grad``, mode and gradients
     restored, whether ``explain`` returns or raises.
     """
+    # the sweep needs autograd even when the caller is in no_grad / inference mode
+    with torch.inference_mode(False), torch.enable_grad():
+        return _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos)
+
+
+def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos) -> Attribution:
     family = family_for(model)
     m = get_method(method)
     record = list(record or [])
@@ -448,7 +456,7 @@ def explain(
     names = set(roles) | set(record) | ({hook_target.hook_name} if hook_target else set())
     fwd_hooks = [(name, sweep.hook_fn(name, roles.get(name))) for name in names]
 
-    with model_left_unchanged(model, family), torch.inference_mode(False), torch.enable_grad():
+    with model_left_unchanged(model, family):
         try:
             logits = family.forward(tokens, attention_mask, fwd_hooks)
         except _StopForward:
