@@ -241,7 +241,8 @@ class _Sweep:
         if role in (Role.Q, Role.K):
             share = m.qk_share if consumer else 1.0
             out = rules.scale_grad(act, share)
-            self.captured[(role, layer)] = out
+            if fam.attn_softcap is not None:  # the softcap rule recomputes the raw scores
+                self.captured[(role, layer)] = out
             if self.additive_sinks and fam.pe_type == "shortformer" and consumer:
                 self._on_grad(out, lambda g: self._shortformer_sink(role, layer, share * g))
             self._record_if_asked(name, out, share)
@@ -256,7 +257,8 @@ class _Sweep:
                 factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
                 factor[:rd] *= 0.5
             out = rules.scale_grad(act, factor)
-            self.captured[(role, layer)] = out
+            if fam.attn_softcap is not None:
+                self.captured[(role, layer)] = out
             if self.rope_split:
                 self._on_grad(out, lambda g, y=out.detach(): self._rope_sink(layer, y, share * g))
             self._record_if_asked(name, out, share)
@@ -273,7 +275,7 @@ class _Sweep:
                 self._record_if_asked(name, act)
                 return act
             q_role, k_role = (Role.ROT_Q, Role.ROT_K) if fam.pe_type == "rotary" else (Role.Q, Role.K)
-            q, k = self.captured[(q_role, layer)], self.captured[(k_role, layer)]
+            q, k = self.captured.pop((q_role, layer)), self.captured.pop((k_role, layer))
             raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(layer)
             cap = fam.attn_softcap
             capped = cap * torch.tanh(raw.detach() / cap)
@@ -308,21 +310,20 @@ class _Sweep:
         if role is Role.MLP_MID:
             out = act
             if m.activation_identity:
-                out = rules.identity_rule(self.captured[(Role.MLP_PRE, layer)], act)
+                out = rules.identity_rule(self.captured.pop((Role.MLP_PRE, layer)), act)
             self._record_if_asked(name, out)
             return out
 
         if role is Role.MLP_POST:
             out = act
-            pre = self.captured.get((Role.MLP_PRE, layer))
+            # release the captured inputs: the rule keeps only what its backward needs
+            pre = self.captured.pop((Role.MLP_PRE, layer), None)
+            up = self.captured.pop((Role.MLP_UP, layer), None)
             if fam.gated_mlp:
                 if m.gate_share is not None:
-                    up = self.captured[(Role.MLP_UP, layer)]
                     gate_act = fam.activation(layer)(pre.detach())
                     out = rules.gated_product(pre, gate_act, up, act, m.gate_share, m.up_share)
-            elif m.activation_identity and (Role.MLP_MID, layer) not in self.captured and not (
-                fam.cfg.act_fn or ""
-            ).endswith("_ln"):
+            elif m.activation_identity and not (fam.cfg.act_fn or "").endswith("_ln"):
                 out = rules.identity_rule(pre, act)
             self._on_grad(out, lambda g, a=out.detach(): self.mlp[:, layer].add_((a * g).sum(-1)))
             self._record_if_asked(name, out)
@@ -365,9 +366,10 @@ class _Sweep:
         sinks = self.family.attention_sinks(layer)
         if sinks is not None:
             sinks = sinks.detach().to(grad.dtype)[None, :, None]
-        r_out, r_in, score_grad = rules.softmax_relevance(pattern, grad, sinks)
+        alibi = self.additive_sinks and self.family.pe_type == "alibi"
+        r_out, r_in, score_grad = rules.softmax_relevance(pattern, grad, sinks, score_grad=alibi)
         self.softmax_absorbed[:, layer].add_((r_out - r_in).sum((1, 2)))
-        if self.additive_sinks and self.family.pe_type == "alibi":
+        if alibi:
             bias = self.family.alibi_bias(layer, self.n_pos).to(grad.dtype)
             self.positional[:, layer].add_(rules.alibi_position_relevance(bias * score_grad))
 

@@ -165,23 +165,27 @@ def alibi_position_relevance(bias_relevance: Tensor) -> Tensor:
 
 
 def softmax_relevance(
-    pattern: Tensor, grad: Tensor, sink_logit: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    pattern: Tensor, grad: Tensor, sink_logit: Optional[Tensor] = None, score_grad: bool = False
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Relevance in and out of a softmax row, from its output and the gradient it receives.
 
-    Returns ``(R_out, R_in, score_grad)``, the first two summed over keys (``[..., query]``), and
-    ``score_grad = p (g - <p, g>)``, the gradient at the scores. ``R_in = sum_j s_j score_grad_j``
-    is computed without the scores: inside a row ``s_j = log p_j + c`` with ``c`` the row's
-    log-partition, so ``R_in = sum_j p_j log p_j (g_j - <p, g>) + c sum_j score_grad_j``; the last
-    sum is 0 for a plain softmax and ``<p, g> p_sink`` when a learned sink logit joins the softmax
-    (then ``c = sink_logit - log p_sink``). ``R_out - R_in`` is what the softmax rule absorbs.
+    Returns ``(R_out, R_in, score_grad)``, the first two summed over keys (``[..., query]``), and,
+    if asked, ``score_grad = p (g - <p, g>)``, the gradient at the scores. ``R_in = sum_j s_j
+    score_grad_j`` is computed without the scores: inside a row ``s_j = log p_j + c`` with ``c``
+    the row's log-partition, so ``R_in = sum_j p_j log p_j (g_j - <p, g>) + c sum_j score_grad_j``;
+    the last sum is 0 for a plain softmax and ``<p, g> p_sink`` when a learned sink logit joins
+    the softmax (then ``c = sink_logit - log p_sink``). ``R_out - R_in`` is what the softmax rule
+    absorbs. Written to hold one row-sized temporary at a time: it runs inside the backward.
     """
-    weighted = pattern * grad
-    row = weighted.sum(-1, keepdim=True)
-    score_grad = weighted - pattern * row
-    r_in = (torch.special.xlogy(pattern, pattern) * (grad - row)).sum(-1)
+    tmp = pattern * grad  # the one [..., query, key] temporary, reused in place
+    r_out = tmp.sum(-1)
+    torch.special.xlogy(pattern, pattern, out=tmp)
+    plogp_sum = tmp.sum(-1)
+    r_in = tmp.mul_(grad).sum(-1) - r_out * plogp_sum
+    del tmp
     if sink_logit is not None:
         p_sink = (1 - pattern.sum(-1)).clamp(min=torch.finfo(pattern.dtype).tiny)
         log_partition = sink_logit - torch.log(p_sink)
-        r_in = r_in + log_partition * row.squeeze(-1) * p_sink
-    return row.squeeze(-1), r_in, score_grad
+        r_in = r_in + log_partition * r_out * p_sink
+    g_scores = pattern * (grad - r_out[..., None]) if score_grad else None
+    return r_out, r_in, g_scores

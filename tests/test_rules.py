@@ -81,7 +81,7 @@ def test_softmax_relevance_matches_deep_taylor_rule(sink):
         p = torch.softmax(full, -1)[:, :-1]
     else:
         p = torch.softmax(scores, -1)
-    r_out, r_in, score_grad = rules.softmax_relevance(p, g, sink_logit if sink else None)
+    r_out, r_in, score_grad = rules.softmax_relevance(p, g, sink_logit if sink else None, score_grad=True)
     for row in range(3):
         keep = torch.isfinite(scores[row])
         s_row = scores[row][keep]
