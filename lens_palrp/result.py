@@ -62,8 +62,8 @@ class Conservation:
             t = float(self.target_value[b])
             def row(label, value):
                 v = float(value)
-                share = f"{100 * v / t:8.2f}%" if t != 0 else ""
-                return f"  {label:<34}{v: .6g}{share:>12}"
+                share = f"{100 * v / t:9.2f}%" if t != 0 else ""
+                return f"  {label:<32}{v:>12.6g}{share}"
             lines.append(f"example {b}:")
             lines.append(row("target value", self.target_value[b]))
             lines.append(row("semantic (token embeddings)", self.semantic[b]))

@@ -65,6 +65,9 @@ def test_lens_palrp_matches_independent_reference(pair, method):
     assert rel_err(attr.heads_by_pos, heads) < 1e-6
     if method == "pa_lrp":
         assert rel_err(attr.positional, positional) < 1e-6
+        # identity 10, init side: a tiny positional share with Hugging Face's small-std init
+        pos_mass = attr.positional.abs().sum()
+        assert pos_mass / (pos_mass + attr.semantic.abs().sum()) < 0.01
         assert float(positional.abs().max()) > 1e-6  # ~0.1% of the logit at random init
     print(method, "semantic", rel_err(attr.semantic, semantic), "positional",
           rel_err(attr.positional, positional) if method == "pa_lrp" else None,
