@@ -177,6 +177,26 @@ class _Sweep:
         # under every method, and reported as the leak where the method has no PE rule
         self.rope_split = method.positional_sinks
         self.additive_sinks = family.pe_type in ("standard", "shortformer", "alibi")
+        self._handlers = {
+            Role.EMBED: self._sink_leaf,
+            Role.POS_EMBED: self._sink_leaf,
+            Role.NORM_SCALE: self._norm_scale,
+            Role.RESID_PRE: self._residual,
+            Role.RESID_FINAL: self._residual,
+            Role.Q: self._query_key,
+            Role.K: self._query_key,
+            Role.ROT_Q: self._rotated_query_key,
+            Role.ROT_K: self._rotated_query_key,
+            Role.V: self._value,
+            Role.SCORES: self._softcapped_scores,
+            Role.PATTERN: self._pattern,
+            Role.Z: self._head_outputs,
+            Role.MLP_PRE: self._mlp_input,
+            Role.MLP_UP: self._mlp_input,
+            Role.MLP_MID: self._mlp_activation_before_norm,
+            Role.MLP_POST: self._mlp_post,
+            Role.LOGITS: self._raw_logits,
+        }
 
     # -- helpers ---------------------------------------------------------------------------------
     def _on_grad(self, tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
@@ -217,124 +237,138 @@ class _Sweep:
         return fn
 
     def apply_role(self, name: str, hr: HookRole, act: Tensor, consumer: bool) -> Tensor:
-        m, role, layer = self.method, hr.role, hr.layer
-        fam = self.family
+        """Install the rule of ``hr.role`` on ``act`` and attach its records; returns the tensor
+        the model continues with (same value). ``consumer=False`` at an ``at_hook`` target: the
+        rule of the operation that would consume the activation (e.g. 1/2 for Q K^T) is skipped,
+        since the explained scalar consumes it instead."""
+        return self._handlers[hr.role](name, hr.role, hr.layer, act, consumer)
 
-        if role in (Role.EMBED, Role.POS_EMBED):
-            leaf = act.detach().requires_grad_(True)
-            self.leaves[role] = leaf
-            self._record_if_asked(name, leaf)
-            return leaf
+    def _sink_leaf(self, name, role, layer, act, consumer):
+        """Embeddings become the autograd leaves: relevance stops here (the input sinks)."""
+        leaf = act.detach().requires_grad_(True)
+        self.leaves[role] = leaf
+        self._record_if_asked(name, leaf)
+        return leaf
 
-        if role is Role.NORM_SCALE:
-            out = act.detach() if m.detach_norm_scale else act
+    def _norm_scale(self, name, role, layer, act, consumer):
+        """Identity rule on LayerNorm / RMSNorm: the scale is a constant."""
+        if name in self.record_names:
+            self.records[name] = torch.zeros_like(act.detach())
+        return act.detach() if self.method.detach_norm_scale else act
+
+    def _residual(self, name, role, layer, act, consumer):
+        slot = layer if role is Role.RESID_PRE else self.family.n_layers
+        self._on_grad(act, lambda g, a=act.detach(): self.residual[:, slot].add_((a * g).sum(-1)))
+        self._record_if_asked(name, act)
+        return act
+
+    def _query_key(self, name, role, layer, act, consumer):
+        """Uniform rule on ``Q K^T``; for shortformer, the per-layer positional sink."""
+        share = self.method.qk_share if consumer else 1.0
+        out = rules.scale_grad(act, share)
+        if self.family.attn_softcap is not None:  # the softcap rule recomputes the raw scores
+            self.captured[(role, layer)] = out
+        if self.additive_sinks and self.family.pe_type == "shortformer" and consumer:
+            self._on_grad(out, lambda g: self._shortformer_sink(role, layer, share * g))
+        self._record_if_asked(name, out, share)
+        return out
+
+    def _rotated_query_key(self, name, role, layer, act, consumer):
+        """Uniform rule on ``Q K^T``; under PA-LRP also on ``R_i q_i`` (Eq. 10): half of the
+        rotated channels' relevance to the content, half to the rotation (the RoPE sink)."""
+        share = self.method.qk_share if consumer else 1.0
+        factor: Union[float, Tensor] = share
+        if self.rope_split:
+            factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
+            factor[: self.family.rotary_dim] *= 0.5
+        out = rules.scale_grad(act, factor)
+        if self.family.attn_softcap is not None:
+            self.captured[(role, layer)] = out
+        if self.rope_split:
+            self._on_grad(out, lambda g, y=out.detach(): self._rope_sink(layer, y, share * g))
+        self._record_if_asked(name, out, share)
+        return out
+
+    def _value(self, name, role, layer, act, consumer):
+        """Uniform rule on ``A V``, value side."""
+        share = self.method.value_share if consumer else 1.0
+        out = rules.scale_grad(act, share)
+        self._record_if_asked(name, out, share)
+        return out
+
+    def _softcapped_scores(self, name, role, layer, act, consumer):
+        """Identity rule on the attention softcap ``c tanh(x / c)``: the raw scores are recomputed
+        from the (rule-patched) q and k, since no hook sits between the product and the cap."""
+        m, fam = self.method, self.family
+        if not (m.activation_identity and m.pattern_share is not None):
+            self._record_if_asked(name, act)
+            return act
+        q_role, k_role = (Role.ROT_Q, Role.ROT_K) if fam.pe_type == "rotary" else (Role.Q, Role.K)
+        q, k = self.captured.pop((q_role, layer)), self.captured.pop((k_role, layer))
+        raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(layer)
+        capped = fam.attn_softcap * torch.tanh(raw.detach() / fam.attn_softcap)
+        out = rules.linearized(act, [raw], [rules.identity_rule_ratio(raw.detach(), capped)])
+        self._record_if_asked(name, out)
+        return out
+
+    def _pattern(self, name, role, layer, act, consumer):
+        """Uniform rule on ``A V``, pattern side (CP-LRP: constant); measures the softmax rule's
+        absorption and the ALiBi sink from the gradient the softmax receives."""
+        m = self.method
+        if m.pattern_share is None and consumer:
             if name in self.record_names:
                 self.records[name] = torch.zeros_like(act.detach())
-            return out
+            return act.detach()
+        share = (m.pattern_share if m.pattern_share is not None else 1.0) if consumer else 1.0
+        out = rules.scale_grad(act, share)
+        self._on_grad(out, lambda g, p=act.detach(): self._softmax_sinks(layer, p, share * g))
+        self._record_if_asked(name, out, share)
+        return out
 
-        if role in (Role.RESID_PRE, Role.RESID_FINAL):
-            slot = layer if role is Role.RESID_PRE else fam.n_layers
-            self._on_grad(act, lambda g, a=act.detach(): self.residual[:, slot].add_((a * g).sum(-1)))
-            self._record_if_asked(name, act)
-            return act
+    def _head_outputs(self, name, role, layer, act, consumer):
+        """Per-head relevance written into the residual stream: ``z * grad`` summed over d_head."""
+        self._on_grad(
+            act,
+            lambda g, a=act.detach(): self.heads_by_pos[:, layer].add_((a * g).sum(-1).transpose(1, 2)),
+        )
+        self._record_if_asked(name, act)
+        return act
 
-        if role in (Role.Q, Role.K):
-            share = m.qk_share if consumer else 1.0
-            out = rules.scale_grad(act, share)
-            if fam.attn_softcap is not None:  # the softcap rule recomputes the raw scores
-                self.captured[(role, layer)] = out
-            if self.additive_sinks and fam.pe_type == "shortformer" and consumer:
-                self._on_grad(out, lambda g: self._shortformer_sink(role, layer, share * g))
-            self._record_if_asked(name, out, share)
-            return out
+    def _mlp_input(self, name, role, layer, act, consumer):
+        self.captured[(role, layer)] = act  # read (and released) by the activation's rule
+        self._record_if_asked(name, act)
+        return act
 
-        if role in (Role.ROT_Q, Role.ROT_K):
-            share = m.qk_share if consumer else 1.0
-            rd = fam.rotary_dim
-            factor: Union[float, Tensor] = share
-            if self.rope_split:
-                # uniform rule on R_i q_i: half to the content, half to the rotation (Eq. 10)
-                factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
-                factor[:rd] *= 0.5
-            out = rules.scale_grad(act, factor)
-            if fam.attn_softcap is not None:
-                self.captured[(role, layer)] = out
-            if self.rope_split:
-                self._on_grad(out, lambda g, y=out.detach(): self._rope_sink(layer, y, share * g))
-            self._record_if_asked(name, out, share)
-            return out
+    def _mlp_activation_before_norm(self, name, role, layer, act, consumer):
+        """SoLU-LN: identity rule on the activation; the following LayerNorm is a norm scale."""
+        out = act
+        if self.method.activation_identity:
+            out = rules.identity_rule(self.captured.pop((Role.MLP_PRE, layer)), act)
+        self._record_if_asked(name, out)
+        return out
 
-        if role is Role.V:
-            share = m.value_share if consumer else 1.0
-            out = rules.scale_grad(act, share)
-            self._record_if_asked(name, out, share)
-            return out
+    def _mlp_post(self, name, role, layer, act, consumer):
+        """Identity rule on the activation, or the uniform rule on a gated product."""
+        m, fam = self.method, self.family
+        out = act
+        # release the captured inputs: the rule keeps only what its backward needs
+        pre = self.captured.pop((Role.MLP_PRE, layer), None)
+        up = self.captured.pop((Role.MLP_UP, layer), None)
+        if fam.gated_mlp:
+            if m.gate_share is not None:
+                gate_act = fam.activation(layer)(pre.detach())
+                out = rules.gated_product(pre, gate_act, up, act, m.gate_share, m.up_share)
+        elif m.activation_identity and not fam.activation_has_norm:
+            out = rules.identity_rule(pre, act)
+        self._on_grad(out, lambda g, a=out.detach(): self.mlp[:, layer].add_((a * g).sum(-1)))
+        self._record_if_asked(name, out)
+        return out
 
-        if role is Role.SCORES:
-            if not (m.activation_identity and m.pattern_share is not None):
-                self._record_if_asked(name, act)
-                return act
-            q_role, k_role = (Role.ROT_Q, Role.ROT_K) if fam.pe_type == "rotary" else (Role.Q, Role.K)
-            q, k = self.captured.pop((q_role, layer)), self.captured.pop((k_role, layer))
-            raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(layer)
-            cap = fam.attn_softcap
-            capped = cap * torch.tanh(raw.detach() / cap)
-            out = rules.linearized(act, [raw], [rules.identity_rule_ratio(raw.detach(), capped)])
-            self._record_if_asked(name, out)
-            return out
-
-        if role is Role.PATTERN:
-            if m.pattern_share is None and consumer:
-                if name in self.record_names:
-                    self.records[name] = torch.zeros_like(act.detach())
-                return act.detach()
-            share = (m.pattern_share if m.pattern_share is not None else 1.0) if consumer else 1.0
-            out = rules.scale_grad(act, share)
-            self._on_grad(out, lambda g, p=act.detach(): self._softmax_sinks(layer, p, share * g))
-            self._record_if_asked(name, out, share)
-            return out
-
-        if role is Role.Z:
-            self._on_grad(
-                act,
-                lambda g, a=act.detach(): self.heads_by_pos[:, layer].add_((a * g).sum(-1).transpose(1, 2)),
-            )
-            self._record_if_asked(name, act)
-            return act
-
-        if role in (Role.MLP_PRE, Role.MLP_UP):
-            self.captured[(role, layer)] = act
-            self._record_if_asked(name, act)
-            return act
-
-        if role is Role.MLP_MID:
-            out = act
-            if m.activation_identity:
-                out = rules.identity_rule(self.captured.pop((Role.MLP_PRE, layer)), act)
-            self._record_if_asked(name, out)
-            return out
-
-        if role is Role.MLP_POST:
-            out = act
-            # release the captured inputs: the rule keeps only what its backward needs
-            pre = self.captured.pop((Role.MLP_PRE, layer), None)
-            up = self.captured.pop((Role.MLP_UP, layer), None)
-            if fam.gated_mlp:
-                if m.gate_share is not None:
-                    gate_act = fam.activation(layer)(pre.detach())
-                    out = rules.gated_product(pre, gate_act, up, act, m.gate_share, m.up_share)
-            elif m.activation_identity and not (fam.cfg.act_fn or "").endswith("_ln"):
-                out = rules.identity_rule(pre, act)
-            self._on_grad(out, lambda g, a=out.detach(): self.mlp[:, layer].add_((a * g).sum(-1)))
-            self._record_if_asked(name, out)
-            return out
-
-        if role is Role.LOGITS:
-            self.captured[(role, None)] = act
-            self._record_if_asked(name, act)
-            return act
-
-        raise AssertionError(f"unhandled role {role}")  # pragma: no cover
+    def _raw_logits(self, name, role, layer, act, consumer):
+        """Unembedding output before the output softcap, for the identity rule on the cap."""
+        self.captured[(role, None)] = act
+        self._record_if_asked(name, act)
+        return act
 
     # -- positional sinks ------------------------------------------------------------------------
     def _rope_sink(self, layer: int, rotated: Tensor, grad: Tensor) -> None:

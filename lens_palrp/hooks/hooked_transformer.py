@@ -63,6 +63,8 @@ class HookedTransformerFamily:
             else None
         )
         self.gated_mlp: bool = bool(cfg.gated_mlp)
+        # SoLU-LN style: a LayerNorm between the activation (hook_mid) and hook_post
+        self.activation_has_norm: bool = bool(cfg.act_fn and cfg.act_fn.endswith("_ln"))
         self.attn_only: bool = bool(cfg.attn_only)
         self.attn_softcap = cfg.attn_scores_soft_cap if _softcap_on(cfg.attn_scores_soft_cap) else None
         self.output_softcap = (
@@ -137,7 +139,7 @@ class HookedTransformerFamily:
                 roles[f"{b}.mlp.hook_pre"] = HookRole(Role.MLP_PRE, layer)
                 if self.gated_mlp:
                     roles[f"{b}.mlp.hook_pre_linear"] = HookRole(Role.MLP_UP, layer)
-                if self.cfg.act_fn is not None and self.cfg.act_fn.endswith("_ln"):
+                if self.activation_has_norm:
                     roles[f"{b}.mlp.hook_mid"] = HookRole(Role.MLP_MID, layer)
                 roles[f"{b}.mlp.hook_post"] = HookRole(Role.MLP_POST, layer)
         roles[f"blocks.{self.n_layers - 1}.hook_resid_post"] = HookRole(Role.RESID_FINAL)
