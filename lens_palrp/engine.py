@@ -135,7 +135,8 @@ def model_left_unchanged(model, family):
         for p, r, g in zip(params, requires, grads):
             p.requires_grad_(r)
             p.grad = g
-        model.train(training)
+        if model.training != training:  # the sweep never switches modes; guard user hooks
+            model.train(training)
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -167,6 +168,7 @@ class _Sweep:
         self.softmax_absorbed = z(batch, L)
         self.rope_cos: Dict[int, Tensor] = {}
         self.rope_sin: Dict[int, Tensor] = {}
+        self.rope_tables: Dict[int, Tuple[Tensor, Tensor]] = {}
         self.shortformer_dims: Dict[int, Tensor] = {}
         self.n_pos = n_pos
         self.leaves: Dict[Role, Tensor] = {}
@@ -374,16 +376,16 @@ class _Sweep:
     def _rope_sink(self, layer: int, rotated: Tensor, grad: Tensor) -> None:
         """Eq. 10: half of R(q~) (and of R(k~)) on the rotated channels goes to the rotation."""
         rd = self.family.rotary_dim
-        cos, sin = self.family.rotary_tables(layer, self.n_pos, self.attention_mask)
-        c, s = rules.rope_table_relevance(
-            rotated[..., :rd], grad[..., :rd], cos.to(grad.dtype), sin.to(grad.dtype),
-            self.family.rotary_adjacent_pairs,
-        )
-        c, s = 0.5 * c, 0.5 * s
-        self.positional[:, layer].add_((c + s).sum(-1).transpose(1, 2))
-        c, s = c.sum(2), s.sum(2)  # entries of the layer's shared rotation: summed over heads
-        self.rope_cos[layer] = self.rope_cos.get(layer, 0) + c
-        self.rope_sin[layer] = self.rope_sin.get(layer, 0) + s
+        y, g = rotated[..., :rd], grad[..., :rd]
+        self.positional[:, layer].add_(0.5 * (y * g).sum(-1).transpose(1, 2))
+        if layer not in self.rope_tables:  # the query and the key side share the layer's tables
+            cos, sin = self.family.rotary_tables(layer, self.n_pos, self.attention_mask)
+            self.rope_tables[layer] = (cos.to(g.dtype), sin.to(g.dtype))
+        cos, sin = self.rope_tables[layer]
+        # entries of the layer's rotation, shared by all heads: summed over heads (dim 2)
+        c, s = rules.rope_table_relevance(y, g, cos, sin, self.family.rotary_adjacent_pairs, head_dim=2)
+        self.rope_cos[layer] = self.rope_cos.get(layer, 0) + 0.5 * c
+        self.rope_sin[layer] = self.rope_sin.get(layer, 0) + 0.5 * s
 
     def _shortformer_sink(self, role: Role, layer: int, grad: Tensor) -> None:
         """Epsilon rule on ``ln1(x) + P`` at the query/key input: ``R(P) = P * (W g)``."""

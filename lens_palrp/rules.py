@@ -81,8 +81,7 @@ def identity_rule_ratio(x: Tensor, fx: Tensor) -> Tensor:
     Where ``x == 0`` the input relevance ``x * grad`` is 0 whatever the ratio, so no epsilon is
     needed and the rule is exact element-wise for every ``f`` with ``f(0) = 0``.
     """
-    safe = torch.where(x == 0, torch.ones_like(x), x)
-    return torch.where(x == 0, torch.zeros_like(x), fx / safe)
+    return torch.where(x == 0, 0.0, fx / x)  # 0/0 -> NaN is discarded by the where
 
 
 def identity_rule(x: Tensor, fx: Tensor) -> Tensor:
@@ -125,19 +124,29 @@ def rotate_every_two(x: Tensor, adjacent_pairs: bool) -> Tensor:
 
 
 def rope_table_relevance(
-    rotated: Tensor, grad: Tensor, cos: Tensor, sin: Tensor, adjacent_pairs: bool
+    rotated: Tensor,
+    grad: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    adjacent_pairs: bool,
+    head_dim: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Relevance of the cos and sin entries of the RoPE rotation ``R`` (Eq. 7-10).
 
     ``rotated = x * cos + J(x) * sin`` is a sum of products of content ``x`` and table entries;
     the per-term relevance ``term * grad`` is returned for the cos and the sin terms (same shape as
-    ``rotated``). Their sum is ``rotated * grad``. The caller applies the uniform-rule share.
-    The content ``x`` is recovered by the inverse rotation, ``x = (y cos - J(y) sin) / (cos^2 +
-    sin^2)``, which is exact because both entries of a pair share one angle.
+    ``rotated``, or summed over ``head_dim`` when the heads share one table). Their sum is
+    ``rotated * grad``. The caller applies the uniform-rule share. The content ``x`` is recovered
+    by the inverse rotation, ``x = (y cos - J(y) sin) / (cos^2 + sin^2)``, exact because both
+    entries of a pair share one angle.
     """
     norm = cos * cos + sin * sin
     x = (rotated * cos - rotate_every_two(rotated, adjacent_pairs) * sin) / norm
-    return x * cos * grad, rotate_every_two(x, adjacent_pairs) * sin * grad
+    on_cos, on_sin = x * grad, rotate_every_two(x, adjacent_pairs) * grad
+    if head_dim is not None:
+        on_cos, on_sin = on_cos.sum(head_dim), on_sin.sum(head_dim)
+        cos, sin = cos.squeeze(head_dim), sin.squeeze(head_dim)
+    return on_cos * cos, on_sin * sin
 
 
 def alibi_split_weights(n_pos: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:

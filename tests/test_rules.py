@@ -137,3 +137,13 @@ def test_input_pe_gradient_x_input_is_the_epsilon_sum_rule():
     r_e, r_p = ref.epsilon_sum(e, p, (e + p) * g)
     torch.testing.assert_close(e * g, r_e, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p * g, r_p, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_table_relevance_summed_over_heads():
+    y, g = torch.randn(2, 5, 3, 8, dtype=D), torch.randn(2, 5, 3, 8, dtype=D)
+    angles = torch.rand(1, 5, 1, 4, dtype=D).repeat(1, 1, 1, 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+    c, s = rules.rope_table_relevance(y, g, cos, sin, adjacent_pairs=False)
+    ch, sh = rules.rope_table_relevance(y, g, cos, sin, adjacent_pairs=False, head_dim=2)
+    torch.testing.assert_close(ch, c.sum(2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sh, s.sum(2), rtol=1e-12, atol=1e-12)
