@@ -511,12 +511,15 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
                 logits = rules.identity_rule(raw, logits)  # identity rule on the output softcap
             value = target_fn(logits)
         value = _check_target_value(value, batch)
-        leaves = [sweep.leaves[r] for r in (Role.EMBED, Role.POS_EMBED) if r in sweep.leaves]
         if not value.requires_grad:
             raise ValueError("the target does not depend on the input: nothing to explain")
-        grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
-    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-    return _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value.detach(), leaves, grads)
+        roles_in_graph = list(sweep.leaves)
+        grads = torch.autograd.grad(value.sum(), [sweep.leaves[r] for r in roles_in_graph], allow_unused=True)
+    sink_relevance = {  # relevance of each input sink: embedding x gradient (Eq. 5, epsilon = 0)
+        r: sweep.leaves[r].detach() * (torch.zeros_like(sweep.leaves[r]) if g is None else g)
+        for r, g in zip(roles_in_graph, grads)
+    }
+    return _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value.detach(), sink_relevance)
 
 
 def _check_target_value(value, batch: int) -> Tensor:
@@ -531,21 +534,14 @@ def _check_target_value(value, batch: int) -> Tensor:
     return value
 
 
-def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value, leaves, grads) -> Attribution:
-    by_role = dict(zip([r for r in (Role.EMBED, Role.POS_EMBED) if r in sweep.leaves], zip(leaves, grads)))
-    embed, g_embed = by_role[Role.EMBED]
-    r_embed = embed.detach() * g_embed
-    zeros_bp = torch.zeros_like(r_embed[..., 0])
-    if Role.POS_EMBED in by_role and family.pe_type == "standard":
-        pos, g_pos = by_role[Role.POS_EMBED]
-        r_pos = pos.detach() * g_pos
+def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value, sink_relevance) -> Attribution:
+    r_embed = sink_relevance[Role.EMBED]
+    if Role.POS_EMBED in sink_relevance and family.pe_type == "standard":
+        r_pos = sink_relevance[Role.POS_EMBED]
         positional_input, positional_input_positive = r_pos.sum(-1), r_pos.clamp(min=0).sum(-1)
-    else:
-        positional_input, positional_input_positive = zeros_bp, zeros_bp.clone()
-    for role, name in ((Role.EMBED, "hook_embed"), (Role.POS_EMBED, "hook_pos_embed")):
-        if name in sweep.record_names and role in by_role:
-            leaf, g = by_role[role]
-            sweep.records[name] = leaf.detach() * g
+    else:  # shortformer's table enters per layer: its sinks are in `positional`
+        positional_input = torch.zeros_like(r_embed[..., 0])
+        positional_input_positive = torch.zeros_like(positional_input)
     layer_positive, layer_abs = sweep.layer_reductions()
     positional = sweep.positional
     leak_layers = torch.zeros_like(sweep.softmax_absorbed)
