@@ -76,3 +76,18 @@ def test_quickstart_demo_runs(tmp_path):
     assert "answer 'k' (predicted 'k')" in run.stdout
     html = out.read_text()
     assert "Positional relevance per head" in html and "plotly" in html.lower()
+
+
+def test_training_is_reproducible(tmp_path):
+    """The retraining command is deterministic: two short runs give identical weights."""
+    from lens_palrp.zoo.train import train
+
+    threads = torch.get_num_threads()
+    try:
+        for run in ("a", "b"):
+            train("rope-repeat", steps=5, batch=16, out_dir=str(tmp_path / run), verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(tmp_path / "a" / "rope-repeat.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "rope-repeat.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

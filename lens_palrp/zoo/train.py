@@ -19,7 +19,10 @@ from lens_palrp.zoo import MODELS, WEIGHTS_DIR, build_model
 from lens_palrp.zoo.tasks import RepeatBack
 
 
-def train(name: str, steps: int = 1500, batch: int = 128, lr: float = 3e-3, seed: int = 0) -> dict:
+def train(
+    name: str, steps: int = 1500, batch: int = 128, lr: float = 3e-3, seed: int = 0,
+    out_dir: str = WEIGHTS_DIR, verbose: bool = True,
+) -> dict:
     spec = MODELS[name]
     torch.manual_seed(seed)
     torch.set_num_threads(1)
@@ -38,7 +41,7 @@ def train(name: str, steps: int = 1500, batch: int = 128, lr: float = 3e-3, seed
         loss.backward()
         opt.step()
         sched.step()
-        if step % 250 == 0 or step == steps - 1:
+        if verbose and (step % 250 == 0 or step == steps - 1):
             print(f"step {step:5d}  loss {loss.item():.4f}")
     model.eval()
     tokens, labels = task.batch(1024, torch.Generator().manual_seed(seed + 1))
@@ -48,11 +51,12 @@ def train(name: str, steps: int = 1500, batch: int = 128, lr: float = 3e-3, seed
     accuracy = float((pred[keep] == labels[keep]).float().mean())
     record = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_loss": loss.item(),
               "heldout_accuracy": accuracy, "train_seconds": round(time.time() - start, 1)}
-    os.makedirs(WEIGHTS_DIR, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(WEIGHTS_DIR, f"{name}.pt"))
-    with open(os.path.join(WEIGHTS_DIR, f"{name}.json"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(out_dir, f"{name}.pt"))
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"config": spec["config"], "task": spec["task"], "training": record}, f, indent=1)
-    print(json.dumps(record))
+    if verbose:
+        print(json.dumps(record))
     return record
 
 
@@ -60,8 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(MODELS))
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--out-dir", default=WEIGHTS_DIR, help="where to write the weights")
     args = parser.parse_args()
-    train(args.name, steps=args.steps)
+    train(args.name, steps=args.steps, out_dir=args.out_dir)
 
 
 if __name__ == "__main__":
