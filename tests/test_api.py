@@ -70,8 +70,9 @@ def test_record_shapes_match_activations(model):
         assert attr.hooks[n].shape == cache[n].shape, n
 
 
-def test_padded_batch_equals_single_runs():
-    model = make_model("llama_like", biases=True)
+@pytest.mark.parametrize("config", ["llama_like", "gpt2_like", "alibi", "shortformer"])
+def test_padded_batch_equals_single_runs(config):
+    model = make_model(config, biases=True)
     a, b = toks(n=9, batch=1, seed=1), toks(n=5, batch=1, seed=2)
     batch = torch.zeros(2, 9, dtype=torch.long)
     batch[0], batch[1, :5] = a[0], b[0]
