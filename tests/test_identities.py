@@ -193,7 +193,7 @@ def test_alibi_sink_is_bias_times_score_gradient():
         r_scores = attr.hooks[names[l]]  # A' * dy/dA', 0 where masked
         finite = torch.isfinite(scores) & (scores != 0)
         grad = torch.where(finite, r_scores / torch.where(finite, scores, 1.0), 0.0)
-        bias = model.blocks[l].attn.alibi[:, :n, :n]
+        bias = model.blocks[l].attn.alibi[:, :n, :n]  # first forward at this length: canonical
         expected = (bias * grad).sum((-1, -2))  # [batch, heads]
         torch.testing.assert_close(attr.positional[:, l].sum(-1), expected, **TOL)
         assert float(expected.abs().min()) > 0

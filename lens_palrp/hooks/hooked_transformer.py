@@ -173,9 +173,16 @@ class HookedTransformerFamily:
         return cos, sin
 
     def alibi_bias(self, layer: int, n_pos: int) -> Tensor:
-        """The ALiBi bias ``[heads, query, key]`` that the forward added to the scores."""
-        alibi = self.model.blocks[layer].attn.alibi
-        return alibi[:, -n_pos:, :n_pos]
+        """The ALiBi bias ``m_h (j - i)`` ``[heads, query, key]``, built for this length.
+
+        Not TransformerLens' cached tensor: 3.9 slices its cache as ``[:, -query:, :key]``, so
+        after a longer input a shorter one sees rows shifted by a per-row constant. The softmax
+        ignores that shift (the forward is unchanged), but the split of Eq. 16 would not.
+        """
+        from transformer_lens.components import AbstractAttention
+
+        device = self.model.blocks[layer].attn.IGNORE.device
+        return AbstractAttention.create_alibi_bias(self.n_heads, n_pos, device)
 
     def attention_sinks(self, layer: int) -> Optional[Tensor]:
         """Learned per-head sink logits ``[heads]`` that join the softmax (GPT-OSS), or None."""
