@@ -198,7 +198,12 @@ class _Sweep:
             Role.MLP_MID: self._mlp_activation_before_norm,
             Role.MLP_POST: self._mlp_post,
             Role.LOGITS: self._raw_logits,
+            Role.ROPE_COS: self._rope_table_seen,
+            Role.ROPE_SIN: self._rope_table_seen,
         }
+        # grouped kv heads that stay grouped (TransformerBridge): the key side of the RoPE sink
+        # is credited per query head from the score gradients (see _gqa_key_sink)
+        self.gqa_through_scores = family.n_kv_heads is not None and not family.ungroups_kv
 
     # -- helpers ---------------------------------------------------------------------------------
     def _on_grad(self, tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
@@ -284,9 +289,9 @@ class _Sweep:
             factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
             factor[: self.family.rotary_dim] *= 0.5
         out = rules.scale_grad(act, factor)
-        if self.family.attn_softcap is not None:
+        if self.family.attn_softcap is not None or (self.gqa_through_scores and self.rope_split):
             self.captured[(role, layer)] = out
-        if self.rope_split:
+        if self.rope_split and not (self.gqa_through_scores and role is Role.ROT_K and consumer):
             self._on_grad(out, lambda g, y=out.detach(): self._rope_sink(layer, y, share * g))
         self._record_if_asked(name, out, share)
         return out
@@ -366,6 +371,15 @@ class _Sweep:
         self._record_if_asked(name, out)
         return out
 
+    def _rope_table_seen(self, name, role, layer, act, consumer):
+        """RoPE tables exactly as the forward uses them (``[batch, pos, rotary_dim]``)."""
+        table = act.detach()[:, :, None, :]
+        if role is Role.ROPE_COS:
+            self.captured[(role, layer)] = table
+        else:
+            self.rope_tables[layer] = (self.captured.pop((Role.ROPE_COS, layer)), table)
+        return act
+
     def _raw_logits(self, name, role, layer, act, consumer):
         """Unembedding output before the output softcap, for the identity rule on the cap."""
         self.captured[(role, None)] = act
@@ -377,6 +391,9 @@ class _Sweep:
         """Eq. 10: half of R(q~) (and of R(k~)) on the rotated channels goes to the rotation."""
         rd = self.family.rotary_dim
         y, g = rotated[..., :rd], grad[..., :rd]
+        if y.shape[2] != self.family.n_heads:  # a grouped key explained directly (at_hook)
+            r = self.family.n_heads // y.shape[2]  # no query head reads it: share it evenly
+            y, g = y.repeat_interleave(r, dim=2), g.repeat_interleave(r, dim=2) / r
         self.positional[:, layer].add_(0.5 * (y * g).sum(-1).transpose(1, 2))
         if layer not in self.rope_tables:  # the query and the key side share the layer's tables
             cos, sin = self.family.rotary_tables(layer, self.n_pos, self.attention_mask)
@@ -386,6 +403,16 @@ class _Sweep:
         c, s = rules.rope_table_relevance(y, g, cos, sin, self.family.rotary_adjacent_pairs, head_dim=2)
         self.rope_cos[layer] = self.rope_cos.get(layer, 0) + 0.5 * c
         self.rope_sin[layer] = self.rope_sin.get(layer, 0) + 0.5 * s
+
+    def _gqa_key_sink(self, layer: int, score_grad: Tensor) -> None:
+        """Key side of Eq. 10 when kv heads stay grouped: query head ``h`` reads its kv head's
+        rotated key through its own scores, so its share of the key gradient is
+        ``sum_i dy/dS_hij q~_hi / scale``; each query head is credited with exactly that part."""
+        q = self.captured.pop((Role.ROT_Q, layer)).detach()  # [batch, pos, heads, d_head]
+        k = self.captured.pop((Role.ROT_K, layer)).detach()  # [batch, pos, kv_heads, d_head]
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        key_grad = torch.einsum("bhqk,bqhd->bkhd", score_grad, q) / self.family.attn_scale(layer)
+        self._rope_sink(layer, k, self.method.qk_share * key_grad)
 
     def _shortformer_sink(self, role: Role, layer: int, grad: Tensor) -> None:
         """Epsilon rule on ``ln1(x) + P`` at the query/key input: ``R(P) = P * (W g)``."""
@@ -403,8 +430,11 @@ class _Sweep:
         if sinks is not None:
             sinks = sinks.detach().to(grad.dtype)[None, :, None]
         alibi = self.additive_sinks and self.family.pe_type == "alibi"
-        r_out, r_in, score_grad = rules.softmax_relevance(pattern, grad, sinks, score_grad=alibi)
+        gqa = self.gqa_through_scores and self.rope_split
+        r_out, r_in, score_grad = rules.softmax_relevance(pattern, grad, sinks, score_grad=alibi or gqa)
         self.softmax_absorbed[:, layer].add_((r_out - r_in).sum((1, 2)))
+        if gqa:
+            self._gqa_key_sink(layer, score_grad)
         if alibi:
             bias = self.family.alibi_bias(layer, self.n_pos).to(grad.dtype)
             self.positional[:, layer].add_(rules.alibi_position_relevance(bias * score_grad))

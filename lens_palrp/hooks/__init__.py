@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily, is_hooked_transformer
 from lens_palrp.hooks.roles import HookRole, Role
+from lens_palrp.hooks.transformer_bridge import TransformerBridgeFamily, is_transformer_bridge
 
-__all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily"]
+__all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily", "TransformerBridgeFamily"]
 
 
 def family_for(model):
     """The adapter for ``model``, or a ``TypeError`` naming what is supported."""
     if is_hooked_transformer(model):
         return HookedTransformerFamily(model)
+    if is_transformer_bridge(model):
+        return TransformerBridgeFamily(model)
     raise TypeError(
         f"lens_palrp cannot explain a {type(model).__module__}.{type(model).__name__}: "
-        "supported models are transformer_lens.HookedTransformer"
+        "supported models are transformer_lens.HookedTransformer and TransformerBridge"
     )

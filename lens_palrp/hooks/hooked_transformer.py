@@ -43,6 +43,7 @@ class HookedTransformerFamily:
     """Adapter between the engine and one ``HookedTransformer`` instance."""
 
     name = "HookedTransformer"
+    ungroups_kv = True  # GQA keys are ungrouped for the sweep (see prepared())
 
     def __init__(self, model):
         self.model = model

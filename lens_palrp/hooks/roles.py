@@ -31,6 +31,8 @@ class Role(enum.Enum):
     MLP_MID = "MLP activation output before an activation LayerNorm"
     MLP_POST = "MLP post-activation"
     LOGITS = "unembedding output before the output softcap"
+    ROPE_COS = "RoPE cos table as the forward uses it (observed)"
+    ROPE_SIN = "RoPE sin table as the forward uses it (observed)"
 
 
 @dataclass(frozen=True)

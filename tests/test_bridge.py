@@ -1,0 +1,190 @@
+"""TransformerBridge: same numbers as HookedTransformer on the same weights, hooks in the path."""
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import lens_palrp as lp
+from lens_palrp.zoo import TOKENIZER_DIR
+
+bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
+TransformerBridge = bridge_mod.TransformerBridge
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # TransformerLens 4.x
+    HookedTransformer = None
+
+needs_hooked = pytest.mark.skipif(
+    HookedTransformer is None, reason="TransformerLens 4.x has no HookedTransformer to compare with"
+)
+
+
+def save_with_tokenizer(hf_model, folder):
+    """A local model folder as boot_transformers expects it: weights, config, tokenizer files."""
+    hf_model.save_pretrained(folder)
+    for f in os.listdir(TOKENIZER_DIR):
+        shutil.copy(os.path.join(TOKENIZER_DIR, f), os.path.join(folder, f))
+    return folder
+
+
+def boot(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(str(folder), device="cpu", dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=18, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    hf = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0, 0.3)
+    folder = save_with_tokenizer(hf, tmp_path_factory.mktemp("llama"))
+    return hf, boot(folder)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=18, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    hf = GPT2LMHeadModel(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "ln" in name:
+                p.normal_(1.0, 0.2)
+            else:
+                p.normal_(0, 0.3)
+    folder = save_with_tokenizer(hf, tmp_path_factory.mktemp("gpt2"))
+    return hf, boot(folder)
+
+
+def hooked_llama(hf):
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        d_model=32, d_head=8, n_heads=4, d_mlp=48, n_layers=2, n_ctx=32, d_vocab=18,
+        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+        rotary_adjacent_pairs=False, gated_mlp=True, n_key_value_heads=2, final_rms=True,
+        eps=c.rms_norm_eps, original_architecture="LlamaForCausalLM", dtype=torch.float64,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ht = HookedTransformer(cfg)
+    ht.load_state_dict(convert_llama_weights(hf, cfg), strict=False)
+    return ht.eval()
+
+
+def hooked_gpt2(hf):
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    cfg = HookedTransformerConfig(
+        d_model=32, d_head=8, n_heads=4, d_mlp=128, n_layers=2, n_ctx=32, d_vocab=18,
+        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+        eps=hf.config.layer_norm_epsilon, original_architecture="GPT2LMHeadModel", dtype=torch.float64,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ht = HookedTransformer(cfg)
+    ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
+    return ht.eval()
+
+
+def rel(a, b):
+    """Max relative error; exact zeros on both sides count as agreement."""
+    scale = float(b.abs().max())
+    return float((a - b).abs().max()) / scale if scale > 0 else float((a - b).abs().max())
+
+
+TOKENS = torch.randint(2, 18, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+@needs_hooked
+@pytest.mark.parametrize("method", ["pa_lrp", "attn_lrp", "cp_lrp", "grad_x_input"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bridge_matches_hooked_transformer(arch, method, llama, gpt2, request):
+    hf, bridge = llama if arch == "llama" else gpt2
+    ht = hooked_llama(hf) if arch == "llama" else hooked_gpt2(hf)
+    a = lp.explain(bridge, TOKENS, (3, 5), method=method)
+    b = lp.explain(ht, TOKENS, (3, 5), method=method)
+    # the bridge uses Hugging Face's RoPE tables, computed in float32
+    assert rel(a.target_value, b.target_value) < 1e-6
+    for field in ("semantic", "heads_by_pos", "mlp", "residual"):
+        assert rel(getattr(a, field), getattr(b, field)) < 1e-5, field
+    if method == "pa_lrp":
+        for field in ("positional", "positional_input"):
+            if getattr(b, field).abs().max() > 0:
+                assert rel(getattr(a, field), getattr(b, field)) < 1e-5, field
+        assert rel(a.combined(), b.combined()) < 1e-5
+    ca, cb = a.conservation(), b.conservation()
+    assert rel(ca.softmax_absorbed, cb.softmax_absorbed) < 1e-5
+
+
+def test_bridge_matches_the_independent_llama_reference(llama):
+    from reference_llama import explain_llama
+
+    hf, bridge = llama
+    logit, semantic, positional, heads = explain_llama(hf, TOKENS, 7)
+    attr = lp.explain(bridge, TOKENS, 7)
+    assert rel(attr.target_value, logit) < 1e-6
+    assert rel(attr.semantic, semantic) < 1e-5
+    assert rel(attr.positional, positional) < 1e-5
+    assert rel(attr.heads_by_pos, heads) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_hook_the_sweep_patches_is_in_the_computation_path(arch, llama, gpt2):
+    """A rule installed on an observer-only hook would silently do nothing: every hook whose
+    output the sweep replaces must change the model's output when perturbed."""
+    from lens_palrp.hooks import family_for
+    from lens_palrp.hooks.roles import Role
+
+    _, bridge = llama if arch == "llama" else gpt2
+    roles = family_for(bridge).hook_roles()
+    observers = {Role.RESID_FINAL, Role.ROPE_COS, Role.ROPE_SIN}
+    with torch.no_grad():
+        base = bridge(TOKENS)
+    for name, role in roles.items():
+        if role.role in observers:
+            continue
+        with torch.no_grad():
+            out = bridge.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda a, hook: a * 1.3 + 0.05)])
+        assert float((out - base).abs().max()) > 1e-8, name
+
+
+def test_bridge_left_unchanged_and_errors(llama):
+    _, bridge = llama
+    flags = [p.requires_grad for p in bridge.parameters()]
+    n_hooks = sum(len(h.fwd_hooks) for h in bridge.hook_dict.values())
+    lp.explain(bridge, TOKENS, 3)
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        lp.explain(bridge, TOKENS, 99)
+    assert flags == [p.requires_grad for p in bridge.parameters()]
+    assert n_hooks == sum(len(h.fwd_hooks) for h in bridge.hook_dict.values())
+    assert all(p.grad is None for p in bridge.parameters())
+
+
+def test_bridge_padding_and_strings(llama):
+    _, bridge = llama
+    attr = lp.explain(bridge, ["a b c d e f", "a b c"], "c")
+    one = lp.explain(bridge, "a b c", "c")
+    torch.testing.assert_close(attr.semantic[1, :4], one.semantic[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(attr.positional[1, ..., :4], one.positional[0], rtol=1e-9, atol=1e-12)
