@@ -6,7 +6,15 @@ import math
 import warnings
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # TransformerLens 4.x
+    import pytest
+
+    pytest.skip(
+        "TransformerLens 4.x removed HookedTransformer; these tests run in the 3.9 environment",
+        allow_module_level=True,
+    )
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
 

@@ -8,7 +8,15 @@ Hugging Face model directly from the rules. They must agree to 1e-6 relative.
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # TransformerLens 4.x
+    import pytest
+
+    pytest.skip(
+        "TransformerLens 4.x removed HookedTransformer; these tests run in the 3.9 environment",
+        allow_module_level=True,
+    )
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
 import lens_palrp as lp

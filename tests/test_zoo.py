@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import lens_palrp as lp
+
+if not lp.zoo.available():
+    pytest.skip("the zoo's models are HookedTransformers (TransformerLens 3.x)", allow_module_level=True)
 from lens_palrp.analyses import positional_heads_data, positional_heads_figure, token_relevance_figure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,6 +17,7 @@ output softcaps, q/k norms (their scale sits outside any hook), adjacent-pair Ro
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Tuple
 
@@ -100,5 +101,8 @@ class TransformerBridgeFamily(HookedTransformerFamily):
         yield
 
     def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
-            return self.model(tokens, attention_mask=attention_mask)
+        with warnings.catch_warnings():
+            # TransformerLens 4 warns when a hook edits hook_scale: detaching it is the rule
+            warnings.filterwarnings("ignore", message=".*edited hook_scale/hook_normalized.*")
+            with self.model.hooks(fwd_hooks=fwd_hooks):
+                return self.model(tokens, attention_mask=attention_mask)

@@ -34,6 +34,15 @@ MODELS: Dict[str, dict] = {
 }
 
 
+def available() -> bool:
+    """The zoo's models are HookedTransformers: they need TransformerLens 3.x."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def names() -> List[str]:
     """The shipped models."""
     return sorted(MODELS)
@@ -62,6 +71,11 @@ def tokenizer():
 
 def build_model(name: str, with_tokenizer: bool = True, dtype=torch.float32):
     """An untrained ``HookedTransformer`` with the zoo model's configuration."""
+    if not available():
+        raise ImportError(
+            "lens_palrp's zoo models are HookedTransformers, which TransformerLens 4 removed: "
+            "install transformer-lens 3.9 (pip install -c constraints.txt -e .)"
+        )
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(**MODELS[_check(name)]["config"], dtype=dtype)
