@@ -9,7 +9,7 @@ from lens_palrp.engine import explain
 from lens_palrp.methods import METHODS
 from lens_palrp.result import Attribution, Conservation
 from lens_palrp.targets import at_hook
-from lens_palrp import zoo
+from lens_palrp import models, zoo
 
 __version__ = "0.1.0"
-__all__ = ["explain", "at_hook", "Attribution", "Conservation", "METHODS", "zoo", "__version__"]
+__all__ = ["explain", "at_hook", "Attribution", "Conservation", "METHODS", "zoo", "models", "__version__"]

@@ -474,7 +474,7 @@ def explain(
     """Explain ``target`` on ``tokens`` with one hooked forward and one relevance sweep.
 
     Args:
-        model: a TransformerLens ``HookedTransformer``.
+        model: a TransformerLens ``HookedTransformer`` or a decoder ``TransformerBridge``.
         tokens: a LongTensor ``[batch, pos]`` (right-padded if ``attention_mask`` is given), or a
             string / list of strings tokenized with the model's tokenizer (right-padded).
         target: a token id (int, single-token string, or ``[batch]`` tensor) whose logit at

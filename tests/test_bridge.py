@@ -14,7 +14,7 @@ bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
 TransformerBridge = bridge_mod.TransformerBridge
 
 try:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
 except ImportError:  # TransformerLens 4.x
     HookedTransformer = None
 
@@ -32,9 +32,7 @@ def save_with_tokenizer(hf_model, folder):
 
 
 def boot(folder):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(str(folder), device="cpu", dtype=torch.float64)
+    return lp.models.bridge_from_folder(str(folder), dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -77,35 +75,11 @@ def gpt2(tmp_path_factory):
 
 
 def hooked_llama(hf):
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-
-    c = hf.config
-    cfg = HookedTransformerConfig(
-        d_model=32, d_head=8, n_heads=4, d_mlp=48, n_layers=2, n_ctx=32, d_vocab=18,
-        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
-        rotary_adjacent_pairs=False, gated_mlp=True, n_key_value_heads=2, final_rms=True,
-        eps=c.rms_norm_eps, original_architecture="LlamaForCausalLM", dtype=torch.float64,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ht = HookedTransformer(cfg)
-    ht.load_state_dict(convert_llama_weights(hf, cfg), strict=False)
-    return ht.eval()
+    return lp.models.hooked_transformer_from_hf(hf)
 
 
 def hooked_gpt2(hf):
-    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
-
-    cfg = HookedTransformerConfig(
-        d_model=32, d_head=8, n_heads=4, d_mlp=128, n_layers=2, n_ctx=32, d_vocab=18,
-        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
-        eps=hf.config.layer_norm_epsilon, original_architecture="GPT2LMHeadModel", dtype=torch.float64,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ht = HookedTransformer(cfg)
-    ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
-    return ht.eval()
+    return lp.models.hooked_transformer_from_hf(hf)
 
 
 def rel(a, b):
@@ -188,3 +162,15 @@ def test_bridge_padding_and_strings(llama):
     one = lp.explain(bridge, "a b c", "c")
     torch.testing.assert_close(attr.semantic[1, :4], one.semantic[0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(attr.positional[1, ..., :4], one.positional[0], rtol=1e-9, atol=1e-12)
+
+
+@needs_hooked
+def test_hooked_transformer_from_folder_matches_hugging_face(llama, tmp_path):
+    hf, _ = llama
+    folder = save_with_tokenizer(hf, tmp_path / "m")
+    ht = lp.models.hooked_transformer_from_folder(str(folder), dtype=torch.float64)
+    with torch.no_grad():
+        assert rel(ht(TOKENS), hf(TOKENS).logits) < 1e-6
+    assert ht.to_str_tokens("a b")[1:] == ["a", "b"]
+    with pytest.raises(NotImplementedError, match="bridge_from_folder"):
+        lp.models.hooked_transformer_from_hf(torch.nn.Linear(2, 2))
