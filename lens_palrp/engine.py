@@ -182,6 +182,7 @@ class _Sweep:
         self._handlers = {
             Role.EMBED: self._sink_leaf,
             Role.POS_EMBED: self._sink_leaf,
+            Role.TOKEN_TYPE: self._sink_leaf,
             Role.NORM_SCALE: self._norm_scale,
             Role.RESID_PRE: self._residual,
             Role.RESID_FINAL: self._residual,
@@ -273,8 +274,8 @@ class _Sweep:
         """Uniform rule on ``Q K^T``; for shortformer, the per-layer positional sink."""
         share = self.method.qk_share if consumer else 1.0
         out = rules.scale_grad(act, share)
-        if self.family.attn_softcap is not None:  # the softcap rule recomputes the raw scores
-            self.captured[(role, layer)] = out
+        if self.family.attn_softcap is not None or self.family.rebuild_attention:
+            self.captured[(role, layer)] = out  # the softcap rule / the rebuilt attention reads it
         if self.additive_sinks and self.family.pe_type == "shortformer" and consumer:
             self._on_grad(out, lambda g: self._shortformer_sink(role, layer, share * g))
         self._record_if_asked(name, out, share)
@@ -300,6 +301,8 @@ class _Sweep:
         """Uniform rule on ``A V``, value side."""
         share = self.method.value_share if consumer else 1.0
         out = rules.scale_grad(act, share)
+        if self.family.rebuild_attention:
+            self.captured[(role, layer)] = out
         self._record_if_asked(name, out, share)
         return out
 
@@ -334,12 +337,47 @@ class _Sweep:
 
     def _head_outputs(self, name, role, layer, act, consumer):
         """Per-head relevance written into the residual stream: ``z * grad`` summed over d_head."""
+        if self.family.rebuild_attention:
+            act = self._rebuilt_attention(layer, act)
         self._on_grad(
             act,
             lambda g, a=act.detach(): self.heads_by_pos[:, layer].add_((a * g).sum(-1).transpose(1, 2)),
         )
         self._record_if_asked(name, act)
         return act
+
+    def _rebuilt_attention(self, layer: int, z_model: Tensor) -> Tensor:
+        """``softmax(q k^T / scale + mask) v`` from the rule-patched q, k, v, for models whose
+        pattern hook only observes. Its value must equal the model's z (else the attention is
+        not plain softmax attention and the rules would be wrong: raise); the model continues
+        with its own value, the gradient flows through the rebuilt graph."""
+        fam = self.family
+        q = self.captured.pop((Role.Q, layer))
+        k = self.captured.pop((Role.K, layer))
+        v = self.captured.pop((Role.V, layer))
+        if k.shape[2] != q.shape[2]:
+            k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(layer)
+        n = scores.shape[-1]
+        keep = torch.ones(n, n, dtype=torch.bool, device=scores.device)
+        if fam.causal:
+            keep = keep.tril()
+        keep = keep[None, None]
+        if self.attention_mask is not None:
+            keep = keep & self.attention_mask.bool()[:, None, None, :]
+        pattern = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        pattern = self._pattern(f"blocks.{layer}.attn.hook_pattern", Role.PATTERN, layer, pattern, True)
+        z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        err = float((z.detach() - z_model.detach()).abs().max())
+        scale = float(z_model.detach().abs().max())
+        tol = 1e-4 if z.dtype != torch.float64 else 1e-9
+        if err > tol * max(scale, 1.0):
+            raise NotImplementedError(
+                f"layer {layer}: the attention is not plain softmax(q k^T / scale) v "
+                f"(rebuilt z differs by {err:.3g}); lens_palrp cannot install its rules here"
+            )
+        return z_model.detach() + (z - z.detach())
 
     def _mlp_input(self, name, role, layer, act, consumer):
         self.captured[(role, layer)] = act  # read (and released) by the activation's rule
@@ -572,6 +610,8 @@ def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, v
     else:  # shortformer's table enters per layer: its sinks are in `positional`
         positional_input = torch.zeros_like(r_embed[..., 0])
         positional_input_positive = torch.zeros_like(positional_input)
+    token_type = sink_relevance.get(Role.TOKEN_TYPE)
+    token_type = token_type.sum(-1) if token_type is not None else torch.zeros_like(r_embed[..., 0])
     layer_positive, layer_abs = sweep.layer_reductions()
     positional = sweep.positional
     leak_layers = torch.zeros_like(sweep.softmax_absorbed)
@@ -587,6 +627,7 @@ def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, v
         semantic=r_embed.sum(-1),
         positional=positional,
         positional_input=positional_input,
+        token_type=token_type,
         heads=sweep.heads_by_pos.sum(-1),
         heads_by_pos=sweep.heads_by_pos,
         mlp=sweep.mlp,
@@ -612,7 +653,7 @@ def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, v
 
 
 def _check_finite(attr: Attribution) -> None:
-    for name in ("semantic", "positional", "positional_input", "heads_by_pos", "mlp", "residual"):
+    for name in ("semantic", "positional", "positional_input", "token_type", "heads_by_pos", "mlp", "residual"):
         if not bool(torch.isfinite(getattr(attr, name)).all()):
             raise FloatingPointError(
                 f"the relevance '{name}' contains NaN or inf; check the model's weights and inputs"

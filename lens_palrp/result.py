@@ -16,8 +16,9 @@ PARTS = ("all", "semantic", "positional")
 class Conservation:
     """Where the explained value went, per example (``[batch]``) and per layer (``[batch, layers]``).
 
-    ``semantic + positional_input + positional + positional_leak + softmax_absorbed +
-    other_absorbed == target_value`` holds by construction. ``positional_leak`` is the relevance
+    ``semantic + positional_input + positional + token_type + positional_leak + softmax_absorbed
+    + other_absorbed == target_value`` holds by construction (``token_type``: BERT's segment
+    embedding sink, 0 elsewhere). ``positional_leak`` is the relevance
     that flows into additive positional encodings (input PE, shortformer, ALiBi) under a method
     without PE rules: measured, but absent from its maps (PA-LRP turns it into sinks; RoPE under
     AttnLRP does not leak, the rotation passes all relevance to q and k). ``softmax_absorbed`` is
@@ -31,6 +32,7 @@ class Conservation:
     positional_input: Tensor
     positional: Tensor
     positional_per_layer: Tensor
+    token_type: Tensor
     positional_leak: Tensor
     positional_leak_per_layer: Tensor
     softmax_absorbed: Tensor
@@ -47,7 +49,7 @@ class Conservation:
     def as_dict(self, index: int = 0) -> Dict[str, object]:
         out: Dict[str, object] = {}
         for name in (
-            "target_value", "semantic", "positional_input", "positional", "positional_leak",
+            "target_value", "semantic", "positional_input", "positional", "token_type", "positional_leak",
             "softmax_absorbed", "other_absorbed",
         ):
             out[name] = float(getattr(self, name)[index])
@@ -69,6 +71,8 @@ class Conservation:
             lines.append(row("semantic (token embeddings)", self.semantic[b]))
             lines.append(row("positional, input PE", self.positional_input[b]))
             lines.append(row("positional, attention level", self.positional[b]))
+            if float(self.token_type.abs().max()) > 0:
+                lines.append(row("token-type embedding", self.token_type[b]))
             lines.append(row("positional leak (no PE rule)", self.positional_leak[b]))
             lines.append(row("absorbed by softmax rules", self.softmax_absorbed[b]))
             lines.append(row("absorbed by biases / other", self.other_absorbed[b]))
@@ -103,6 +107,8 @@ class Attribution:
     attention_mask: Tensor
     target_position: Tensor
     hooks: Dict[str, Tensor] = field(default_factory=dict)
+    # BERT-style token-type (segment) embedding: a third input sink, neither token nor position
+    token_type: Optional[Tensor] = None
     # per-sink reductions needed by combined(): positive part and "abs" (authors' code) variants
     semantic_positive: Optional[Tensor] = None
     positional_input_positive: Optional[Tensor] = None
@@ -176,7 +182,8 @@ class Attribution:
         softmax = softmax_layers.sum(-1)
         leak_layers = self.positional_leak_per_layer
         leak = leak_layers.sum(-1) + self.positional_leak_input
-        other = self.target_value - semantic - positional_input - positional - leak - softmax
+        token_type = self.token_type.sum(-1) if self.token_type is not None else torch.zeros_like(semantic)
+        other = self.target_value - semantic - positional_input - positional - token_type - leak - softmax
         resid = self.residual.sum(-1)
         absorbed_layers = resid[:, 1:] - resid[:, :-1] - per_layer
         return Conservation(
@@ -185,6 +192,7 @@ class Attribution:
             positional_input=positional_input,
             positional=positional,
             positional_per_layer=per_layer,
+            token_type=token_type,
             positional_leak=leak,
             positional_leak_per_layer=leak_layers,
             softmax_absorbed=softmax,

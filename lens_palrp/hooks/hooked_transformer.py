@@ -44,6 +44,8 @@ class HookedTransformerFamily:
 
     name = "HookedTransformer"
     ungroups_kv = True  # GQA keys are ungrouped for the sweep (see prepared())
+    rebuild_attention = False  # hook_pattern is in the computation path
+    causal = True
 
     def __init__(self, model):
         self.model = model

@@ -15,6 +15,7 @@ from typing import Optional
 class Role(enum.Enum):
     EMBED = "token embedding (semantic sink)"
     POS_EMBED = "input positional embedding (positional sink)"
+    TOKEN_TYPE = "token-type (segment) embedding (its own sink, not positional)"
     NORM_SCALE = "normalization scale (detached under LRP)"
     RESID_PRE = "residual stream entering a layer"
     RESID_FINAL = "residual stream after the last layer"

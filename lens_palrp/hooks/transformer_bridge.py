@@ -11,8 +11,18 @@ HookedTransformer one; what differs is where the model facts live:
 * grouped-query attention cannot be ungrouped: the key side of a shared kv head is credited to
   each query head from that head's score gradient, exactly (``engine._gqa_key_sink``).
 
+BERT-style encoders (checked on all-MiniLM-L6-v2) differ in three ways, handled here:
+
+* ``hook_embed`` is the *summed, normalized* embedding there; the sinks are the word, position
+  and token-type embeddings (``embed.hook_out``, ``pos_embed.hook_out``,
+  ``token_type_embed.hook_out``), which the embedding LayerNorm (``embed_ln.hook_scale``) joins;
+* attention is delegated to Hugging Face and ``hook_pattern`` only observes the weights, so the
+  attention is rebuilt at ``hook_z`` from the in-path q, k, v with the rules installed
+  (``rebuild_attention``), and the rebuilt z is checked against the model's;
+* attention is bidirectional; post-LN blocks need nothing special (the norm scales are hooked).
+
 Not yet supported on the bridge (``NotImplementedError``): ALiBi architectures, attention or
-output softcaps, q/k norms (their scale sits outside any hook), adjacent-pair RoPE, and encoders.
+output softcaps, q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
 """
 
 from __future__ import annotations
@@ -43,9 +53,16 @@ class TransformerBridgeFamily(HookedTransformerFamily):
     ungroups_kv = False  # keys stay grouped: GQA crediting goes through the score gradients
 
     def __init__(self, model):
+        hf_config = getattr(getattr(model, "original_model", None), "config", None)
+        self.encoder = getattr(hf_config, "model_type", "") == "bert" and not getattr(
+            hf_config, "is_decoder", False
+        )
         super().__init__(model)
         if self.pe_type == "rotary" and self.rotary_dim is None:
             self.rotary_dim = self.d_head
+        self.causal = not self.encoder
+        # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
+        self.rebuild_attention = type(model.blocks[0].attn).__name__ == "AttentionBridge"
 
     def check_supported(self) -> None:
         cfg = self.cfg
@@ -56,7 +73,8 @@ class TransformerBridgeFamily(HookedTransformerFamily):
             "q/k norms (use_qk_norm: their scale has no hook on the bridge)": bool(cfg.use_qk_norm),
             "adjacent-pair RoPE (rotary_adjacent_pairs)": cfg.positional_embedding_type == "rotary"
             and bool(cfg.rotary_adjacent_pairs),
-            "bidirectional attention (encoders)": getattr(cfg, "attention_dir", "causal") != "causal",
+            "bidirectional attention other than BERT": getattr(cfg, "attention_dir", "causal") != "causal"
+            and not self.encoder,
             "mixture-of-experts MLP": bool(getattr(cfg, "num_experts", None)),
         }
         bad = [name for name, hit in unsupported.items() if hit]
@@ -72,6 +90,15 @@ class TransformerBridgeFamily(HookedTransformerFamily):
 
     def hook_roles(self) -> Dict[str, HookRole]:
         roles = super().hook_roles()
+        if self.encoder:  # hook_embed is the summed, normalized embedding: use the three parts
+            del roles["hook_embed"]
+            roles.pop("hook_pos_embed", None)
+            roles["embed.hook_out"] = HookRole(Role.EMBED)
+            roles["pos_embed.hook_out"] = HookRole(Role.POS_EMBED)
+            roles["token_type_embed.hook_out"] = HookRole(Role.TOKEN_TYPE)
+        if self.rebuild_attention:  # hook_pattern only observes there
+            for layer in range(self.n_layers):
+                roles.pop(f"blocks.{layer}.attn.hook_pattern", None)
         if self.pe_type == "rotary":
             for layer in range(self.n_layers):
                 roles[f"blocks.{layer}.attn.hook_cos"] = HookRole(Role.ROPE_COS, layer)
@@ -84,11 +111,20 @@ class TransformerBridgeFamily(HookedTransformerFamily):
             fn = getattr(hf_mlp, name, None)
             if fn is not None:
                 return fn
+        from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
+        if self.cfg.act_fn in SUPPORTED_ACTIVATIONS:
+            return SUPPORTED_ACTIVATIONS[self.cfg.act_fn]
         raise NotImplementedError(f"cannot find the activation function of {type(hf_mlp).__name__}")
 
     def attn_scale(self, layer: int) -> float:
+        """What the scores are divided by (the wrapped module's ``scaling`` is its inverse)."""
         hf_attn = self.model.blocks[layer].attn.original_component
-        return 1.0 / float(getattr(hf_attn, "scaling", self.d_head**-0.5))
+        for module in hf_attn.modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, (int, float)):
+                return 1.0 / float(scaling)
+        return float(self.d_head) ** 0.5
 
     def rotary_tables(self, layer: int, n_pos: int, attention_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         raise AssertionError("the bridge's RoPE tables are captured at attn.hook_cos / hook_sin")
