@@ -556,6 +556,12 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     )
     positions = resolve_positions(position, lengths)
     target_fn, hook_target = resolve_target(target, batch, positions, family)
+    if hook_target is None and not family.logits_supported:
+        raise NotImplementedError(
+            f"{family.name} encoders: the MLM head's activation has no hook, so logit targets "
+            "cannot get the LRP rules; explain a hidden state with lp.at_hook(...) or "
+            "lp.explain_similarity(...)"
+        )
 
     sweep = _Sweep(family, m, batch, n_pos, dtype, device, attention_mask, record, hook_target)
     roles = family.hook_roles()

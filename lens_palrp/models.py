@@ -168,3 +168,41 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: torch.dtype = torch
         clean.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return bridge_from_folder(folder, dtype=dtype)
+
+
+def hooked_encoder_from_folder(folder: str, dtype: torch.dtype = torch.float32):
+    """A TransformerLens 3.x ``HookedEncoder`` from a local BERT folder (e.g. all-MiniLM-L6-v2).
+
+    The folder's own config sizes the model; an encoder-only checkpoint has no pre-training
+    heads, so they keep their random initialization (explain hidden states, not MLM logits).
+    """
+    from transformers import AutoTokenizer, BertForPreTraining
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformer_lens import HookedEncoder, HookedTransformerConfig
+    except ImportError:
+        raise ImportError("HookedEncoder needs TransformerLens 3.x; use bridge_from_folder") from None
+    from transformer_lens.pretrained.weight_conversions.bert import convert_bert_weights
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized heads" is expected here
+    try:
+        # TransformerLens' converter reads the pooler and both pre-training heads
+        hf = BertForPreTraining.from_pretrained(folder, local_files_only=True, dtype=dtype).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
+        n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size, act_fn=c.hidden_act,
+        normalization_type="LN", attention_dir="bidirectional", eps=c.layer_norm_eps,
+        original_architecture="BertForMaskedLM", positional_embedding_type="standard", dtype=dtype,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        model = HookedEncoder(cfg, tokenizer=tokenizer)
+    model.load_state_dict(convert_bert_weights(hf, cfg), strict=False)
+    return model.eval()

@@ -39,7 +39,7 @@ def explain_similarity(
     what sentence-transformers mean-pools for all-MiniLM-L6-v2).
     """
     family = family_for(model)
-    hook_name = hook_name or f"blocks.{family.n_layers - 1}.hook_resid_post"
+    hook_name = hook_name or family.final_hidden_hook
     tokens, mask, _ = prepare_tokens(family, [sentence_a, sentence_b], None, None, "cpu")
     if mask is None:
         mask = torch.ones_like(tokens)

@@ -113,3 +113,19 @@ def test_every_patched_hook_is_in_the_computation_path(bridge):
         with torch.no_grad():
             out = bridge.run_with_hooks(toks, fwd_hooks=[(name, lambda a, hook: a * 1.3 + 0.05)])
         assert float((out - base).abs().max()) > 1e-8, name
+
+
+def test_hooked_encoder_gives_the_bridge_numbers(bridge):
+    """The same weights as a TransformerLens 3.x HookedEncoder: same sinks, to 1e-10."""
+    try:
+        encoder = lp.models.hooked_encoder_from_folder(minilm.get_model_path(), dtype=torch.float64)
+    except ImportError:
+        pytest.skip("TransformerLens 4.x has no HookedEncoder")
+    for method in ("pa_lrp", "attn_lrp", "cp_lrp", "grad_x_input"):
+        a = lp.explain_similarity(encoder, A, B, method=method)
+        b = lp.explain_similarity(bridge, A, B, method=method)
+        assert a.str_tokens == b.str_tokens
+        for field in ("target_value", "semantic", "positional_input", "token_type", "heads", "mlp"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-8, atol=1e-11)
+    with pytest.raises(NotImplementedError, match="at_hook"):
+        lp.explain(encoder, [A], 100)

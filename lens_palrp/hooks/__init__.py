@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from lens_palrp.hooks.hooked_encoder import HookedEncoderFamily, is_hooked_encoder
 from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily, is_hooked_transformer
 from lens_palrp.hooks.roles import HookRole, Role
 from lens_palrp.hooks.transformer_bridge import TransformerBridgeFamily, is_transformer_bridge
 
-__all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily", "TransformerBridgeFamily"]
+__all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily", "HookedEncoderFamily", "TransformerBridgeFamily"]
 
 
 def family_for(model):
     """The adapter for ``model``, or a ``TypeError`` naming what is supported."""
     if is_hooked_transformer(model):
         return HookedTransformerFamily(model)
+    if is_hooked_encoder(model):
+        return HookedEncoderFamily(model)
     if is_transformer_bridge(model):
         return TransformerBridgeFamily(model)
     raise TypeError(
         f"lens_palrp cannot explain a {type(model).__module__}.{type(model).__name__}: "
-        "supported models are transformer_lens.HookedTransformer and TransformerBridge"
+        "supported models are transformer_lens.HookedTransformer, HookedEncoder and TransformerBridge"
     )

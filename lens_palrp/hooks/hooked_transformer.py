@@ -46,6 +46,12 @@ class HookedTransformerFamily:
     ungroups_kv = True  # GQA keys are ungrouped for the sweep (see prepared())
     rebuild_attention = False  # hook_pattern is in the computation path
     causal = True
+    logits_supported = True
+
+    @property
+    def final_hidden_hook(self) -> str:
+        """The hook holding the last block's output (what a sentence encoder pools)."""
+        return f"blocks.{self.n_layers - 1}.hook_resid_post"
 
     def __init__(self, model):
         self.model = model

@@ -61,6 +61,7 @@ class TransformerBridgeFamily(HookedTransformerFamily):
         if self.pe_type == "rotary" and self.rotary_dim is None:
             self.rotary_dim = self.d_head
         self.causal = not self.encoder
+        self.logits_supported = not self.encoder  # the MLM head's activation has no hook
         # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
         self.rebuild_attention = type(model.blocks[0].attn).__name__ == "AttentionBridge"
 
