@@ -206,3 +206,22 @@ def hooked_encoder_from_folder(folder: str, dtype: torch.dtype = torch.float32):
         model = HookedEncoder(cfg, tokenizer=tokenizer)
     model.load_state_dict(convert_bert_weights(hf, cfg), strict=False)
     return model.eval()
+
+
+def bridge_from_hf(hf_model, tokenizer, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
+    """A ``TransformerBridge`` around a Hugging Face model object (no hub access).
+
+    The bridge picks its adapter from ``config.architectures``, which a model built in memory
+    lacks: it is set from the model's class here.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    dtype = dtype or next(hf_model.parameters()).dtype
+    name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        return TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )

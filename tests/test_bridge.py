@@ -174,3 +174,15 @@ def test_hooked_transformer_from_folder_matches_hugging_face(llama, tmp_path):
     assert ht.to_str_tokens("a b")[1:] == ["a", "b"]
     with pytest.raises(NotImplementedError, match="bridge_from_folder"):
         lp.models.hooked_transformer_from_hf(torch.nn.Linear(2, 2))
+
+
+def test_bridge_from_an_in_memory_model_object(llama):
+    """boot_transformers with hf_model=: config.architectures is set from the class if missing."""
+    from transformers import AutoTokenizer
+
+    hf, folder_bridge = llama
+    hf.config.architectures = None
+    obj_bridge = lp.models.bridge_from_hf(hf, AutoTokenizer.from_pretrained(TOKENIZER_DIR))
+    a, b = lp.explain(obj_bridge, TOKENS, 3), lp.explain(folder_bridge, TOKENS, 3)
+    for field in ("target_value", "semantic", "positional", "heads"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-10, atol=1e-12)

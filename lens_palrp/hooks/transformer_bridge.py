@@ -100,6 +100,12 @@ class TransformerBridgeFamily(HookedTransformerFamily):
         if self.rebuild_attention:  # hook_pattern only observes there
             for layer in range(self.n_layers):
                 roles.pop(f"blocks.{layer}.attn.hook_pattern", None)
+        missing = [name for name in roles if name not in self.model.hook_dict]
+        if missing:
+            raise NotImplementedError(
+                f"this TransformerBridge lacks hook points the rules need: {missing[:6]}"
+                + (" ..." if len(missing) > 6 else "")
+            )
         if self.pe_type == "rotary":
             for layer in range(self.n_layers):
                 roles[f"blocks.{layer}.attn.hook_cos"] = HookRole(Role.ROPE_COS, layer)
