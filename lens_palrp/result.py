@@ -118,6 +118,7 @@ class Attribution:
     positional_leak_per_layer: Optional[Tensor] = None
     positional_leak_input: Optional[Tensor] = None
     model_name: str = ""
+    metadata: Dict[str, object] = field(default_factory=dict)  # versions etc. of a loaded file
 
     @property
     def batch_size(self) -> int:
@@ -221,13 +222,27 @@ class Attribution:
         toks = self.str_tokens[index]
         return [(int(p), toks[int(p)], float(v)) for v, p in zip(values, positions)]
 
+    def save(self, path: str, model_config=None) -> str:
+        """Tensors to ``path`` (safetensors), metadata (method, tokens and their strings, model
+        name and config, format and package versions) to ``path + '.json'``."""
+        from lens_palrp.io import save_attribution
+
+        return save_attribution(self, path, model_config)
+
+    @classmethod
+    def load(cls, path: str) -> "Attribution":
+        """Read what ``save`` wrote; a file from a newer format version raises ``ValueError``."""
+        from lens_palrp.io import load_attribution
+
+        return load_attribution(path)
+
     def to(self, device) -> "Attribution":
         """A copy with every tensor moved to ``device``."""
         moved = {}
         for name, value in self.__dict__.items():
             if isinstance(value, Tensor):
                 moved[name] = value.to(device)
-            elif isinstance(value, dict):
+            elif name == "hooks":
                 moved[name] = {k: v.to(device) for k, v in value.items()}
             else:
                 moved[name] = value
