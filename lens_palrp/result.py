@@ -58,27 +58,32 @@ class Conservation:
         out["absorbed_per_layer"] = self.absorbed_per_layer[index].tolist()
         return out
 
-    def __str__(self) -> str:
-        lines = []
-        for b in range(self.target_value.shape[0]):
-            t = float(self.target_value[b])
-            def row(label, value):
-                v = float(value)
-                share = f"{100 * v / t:9.2f}%" if t != 0 else ""
-                return f"  {label:<32}{v:>12.6g}{share}"
-            lines.append(f"example {b}:")
-            lines.append(row("target value", self.target_value[b]))
-            lines.append(row("semantic (token embeddings)", self.semantic[b]))
-            lines.append(row("positional, input PE", self.positional_input[b]))
-            lines.append(row("positional, attention level", self.positional[b]))
-            if float(self.token_type.abs().max()) > 0:
-                lines.append(row("token-type embedding", self.token_type[b]))
-            lines.append(row("positional leak (no PE rule)", self.positional_leak[b]))
-            lines.append(row("absorbed by softmax rules", self.softmax_absorbed[b]))
-            lines.append(row("absorbed by biases / other", self.other_absorbed[b]))
-            per_layer = ", ".join(f"{v:.3g}" for v in self.positional_per_layer[b].tolist())
-            lines.append(f"  positional per layer: [{per_layer}]")
+    def format(self, index: int = 0) -> str:
+        """A printable table of one example."""
+        b = index
+        t = float(self.target_value[b])
+
+        def row(label, value):
+            v = float(value)
+            share = f"{100 * v / t:9.2f}%" if t != 0 else ""
+            return f"  {label:<32}{v:>12.6g}{share}"
+
+        lines = [f"example {b}:"]
+        lines.append(row("target value", self.target_value[b]))
+        lines.append(row("semantic (token embeddings)", self.semantic[b]))
+        lines.append(row("positional, input PE", self.positional_input[b]))
+        lines.append(row("positional, attention level", self.positional[b]))
+        if float(self.token_type.abs().max()) > 0:
+            lines.append(row("token-type embedding", self.token_type[b]))
+        lines.append(row("positional leak (no PE rule)", self.positional_leak[b]))
+        lines.append(row("absorbed by softmax rules", self.softmax_absorbed[b]))
+        lines.append(row("absorbed by biases / other", self.other_absorbed[b]))
+        per_layer = ", ".join(f"{v:.3g}" for v in self.positional_per_layer[b].tolist())
+        lines.append(f"  positional per layer: [{per_layer}]")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return "\n".join(self.format(b) for b in range(self.target_value.shape[0]))
 
 
 @dataclass
@@ -221,6 +226,13 @@ class Attribution:
         values, positions = scores[:n].topk(k)
         toks = self.str_tokens[index]
         return [(int(p), toks[int(p)], float(v)) for v, p in zip(values, positions)]
+
+    def report(self, path: str, index: int = 0, title: Optional[str] = None) -> str:
+        """One standalone HTML page with every view of example ``index`` (token maps, per-head
+        positional and semantic heatmaps, per-layer shares, residual stream, conservation)."""
+        from lens_palrp.analyses.plots import write_report
+
+        return write_report(self, path, index, title)
 
     def save(self, path: str, model_config=None) -> str:
         """Tensors to ``path`` (safetensors), metadata (method, tokens and their strings, model

@@ -1,10 +1,24 @@
-"""What users run on an ``Attribution``: figures now; patching, faithfulness and reports later."""
+"""What users run on an ``Attribution``: figures and the HTML report (each figure has a
+``*_data`` twin returning its numbers)."""
 
 from lens_palrp.analyses.plots import (
+    heads_data,
+    heads_figure,
+    layer_share_data,
+    layer_share_figure,
     positional_heads_data,
     positional_heads_figure,
+    report_figures,
+    residual_data,
+    residual_figure,
     token_relevance_figure,
+    token_rows_data,
     write_html,
+    write_report,
 )
 
-__all__ = ["positional_heads_data", "positional_heads_figure", "token_relevance_figure", "write_html"]
+__all__ = [
+    "heads_data", "heads_figure", "layer_share_data", "layer_share_figure", "positional_heads_data",
+    "positional_heads_figure", "report_figures", "residual_data", "residual_figure",
+    "token_relevance_figure", "token_rows_data", "write_html", "write_report",
+]
