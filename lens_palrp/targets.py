@@ -56,10 +56,15 @@ class LogitTarget:
 
 def _as_ids(spec, batch: int, family, what: str) -> Tensor:
     if isinstance(spec, str):
+        text = spec
         try:
-            spec = family.to_single_token(spec)
+            spec = family.to_single_token(text)
         except Exception as err:  # the tokenizer says why (several tokens, no tokenizer, ...)
-            raise ValueError(f"{what} {spec!r} is not a single token of this model: {err}") from None
+            raise ValueError(f"{what} {text!r} is not a single token of this model: {err}") from None
+        tokenizer = family.tokenizer
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and spec == unk and text.strip() != str(tokenizer.unk_token):
+            raise ValueError(f"{what} {text!r} is not in the vocabulary (it maps to the unknown token)")
     if isinstance(spec, bool):
         raise TypeError(f"{what} must be a token id, got a bool")
     if isinstance(spec, int):

@@ -20,7 +20,7 @@ def build_tokenizer(folder: str):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", eos_token="<pad>",
+        tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", eos_token="<pad>", unk_token="<pad>",
         add_bos_token=True, padding_side="right",
     )
     fast.save_pretrained(folder)

@@ -1,0 +1,124 @@
+"""``lens-palrp``: explain a prediction from the command line and write the HTML report.
+
+    lens-palrp explain --model rope-repeat --prompt "c h a p k b e g" --target k --out report.html
+    lens-palrp explain --model path/to/hf-folder --prompt "The capital of France is" --target " Paris"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from lens_palrp.methods import METHODS
+from lens_palrp.result import AGGREGATIONS
+
+
+class CliError(Exception):
+    """A problem the user fixes by changing the command: printed as one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-palrp",
+        description="Positional-Aware LRP (PA-LRP) for TransformerLens models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser(
+        "explain",
+        help="explain one prediction, print a summary, write an HTML report",
+        description="Explain the logit of --target at --position of --prompt, print the most "
+        "relevant tokens and positions, and write the HTML report.",
+    )
+    ex.add_argument("--model", required=True,
+                    help="a zoo name (see --list-zoo) or a local Hugging Face folder (weights, config, tokenizer)")
+    ex.add_argument("--prompt", required=True, help="the input text")
+    ex.add_argument("--target", required=True,
+                    help="the explained token: its text (one token, e.g. ' Paris') or its integer id")
+    ex.add_argument("--wrong", default=None,
+                    help="optional second token: explain the logit difference target - wrong")
+    ex.add_argument("--position", type=int, default=-1, help="position of the explained logit (default: last)")
+    ex.add_argument("--method", choices=sorted(METHODS), default="pa_lrp", help="attribution method (default pa_lrp)")
+    ex.add_argument("--aggregation", choices=AGGREGATIONS, default="relu",
+                    help="how the combined map aggregates the sinks (default relu = the paper's Eq. 11)")
+    ex.add_argument("--loader", choices=("auto", "hooked", "bridge"), default="auto",
+                    help="for a folder: HookedTransformer (LLaMA-family, GPT-2) or TransformerBridge (default auto)")
+    ex.add_argument("--top", type=int, default=5, help="how many tokens to list (default 5)")
+    ex.add_argument("--out", default="lens_palrp_report.html", help="where to write the HTML report")
+    sub.add_parser("zoo", help="list the shipped models")
+    return parser
+
+
+def _load(name: str, loader: str):
+    import lens_palrp as lp
+
+    if name in lp.zoo.MODELS:
+        return lp.zoo.load(name)[0]
+    if not os.path.isdir(name):
+        raise CliError(f"--model {name!r} is neither a zoo model ({', '.join(lp.zoo.names())}) nor a folder")
+    if not os.path.exists(os.path.join(name, "config.json")):
+        raise CliError(f"--model {name!r} has no config.json: it must be a Hugging Face model folder")
+    if loader in ("auto", "hooked"):
+        try:
+            return lp.models.hooked_transformer_from_folder(name)
+        except (NotImplementedError, ImportError) as err:
+            if loader == "hooked":
+                raise CliError(f"cannot load {name!r} as a HookedTransformer: {err}") from None
+    return lp.models.bridge_from_folder(name)
+
+
+def _token(model_target: str, family) -> object:
+    text = model_target
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def explain_command(args) -> int:
+    import lens_palrp as lp
+    from lens_palrp.hooks import family_for
+
+    model = _load(args.model, args.loader)
+    family = family_for(model)
+    target = _token(args.target, family)
+    if args.wrong is not None:
+        target = (target, _token(args.wrong, family))
+    attr = lp.explain(model, args.prompt, target, method=args.method, position=args.position)
+    c = attr.conservation()
+    value = float(attr.target_value[0])
+    what = f"logit({args.target!r})" + (f" - logit({args.wrong!r})" if args.wrong else "")
+    pos = int(attr.target_position[0])
+    print(f"{what} at position {pos} ({attr.str_tokens[0][pos]!r}) = {value:.4f}  [{attr.method}]")
+    combined = attr.combined(args.aggregation)[0]
+    order = combined.argsort(descending=True)[: args.top].tolist()
+    print(f"most relevant (combined, {args.aggregation}):")
+    for p in order:
+        positional = float(attr.positional_input[0, p] + attr.positional[0, :, :, p].sum())
+        print(f"  {p:>4} {attr.str_tokens[0][p]!r:<16} combined {float(combined[p]):>10.4f}   "
+              f"semantic {float(attr.semantic[0, p]):>10.4f}   positional {positional:>10.4f}")
+    print(c.format(0))
+    attr.report(args.out)
+    print(f"report: {args.out}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "zoo":
+            import lens_palrp as lp
+
+            for name in lp.zoo.names():
+                print(f"{name}: {lp.zoo.describe(name)}")
+            return 0
+        return explain_command(args)
+    except (CliError, ValueError, TypeError, NotImplementedError, FileNotFoundError, ImportError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"lens-palrp: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The command line, through the installed entry point."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import lens_palrp as lp
+
+if not lp.zoo.available():
+    pytest.skip("uses the zoo model (TransformerLens 3.x)", allow_module_level=True)
+
+EXE = shutil.which("lens-palrp") or os.path.join(os.path.dirname(sys.executable), "lens-palrp")
+
+
+def run(*args):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_documents_every_option():
+    out = run("explain", "--help").stdout
+    for option in ("--model", "--prompt", "--target", "--wrong", "--position", "--method",
+                   "--aggregation", "--loader", "--top", "--out"):
+        assert option in out, option
+    assert "explain" in run("--help").stdout
+
+
+def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
+    out = tmp_path / "report.html"
+    r = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "k",
+            "--method", "pa_lrp", "--aggregation", "abs", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "logit('k') at position 8" in r.stdout
+    first = r.stdout.splitlines()[2]
+    assert "'k'" in first  # the answer token, 3 positions back, ranks first
+    assert "positional, attention level" in r.stdout and out.exists()
+    assert "Positional relevance per head" in out.read_text()
+    by_id = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "12",
+                "--wrong", "b", "--out", str(tmp_path / "b.html"))
+    assert by_id.returncode == 0 and "logit('12') - logit('b')" in by_id.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "neither a zoo model"),
+        (["--target", "zz"], "not in the vocabulary"),
+        (["--position", "40"], "out of range"),
+        (["--target", "99"], "out of the vocabulary"),
+    ],
+)
+def test_errors_are_one_line_with_a_nonzero_exit(args, message, tmp_path):
+    base = {"--model": "rope-repeat", "--prompt": "c h a p", "--target": "k", "--out": str(tmp_path / "x.html")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    r = run("explain", *[x for kv in base.items() for x in kv])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("lens-palrp: error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_zoo_listing():
+    r = run("zoo")
+    assert r.returncode == 0 and r.stdout.startswith("rope-repeat:")
