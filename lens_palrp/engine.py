@@ -154,10 +154,13 @@ class _Sweep:
         attention_mask: Optional[Tensor],
         record: Sequence[str],
         hook_target: Optional[HookTarget],
+        record_gradients: Sequence[str] = (),
     ):
         self.family, self.method = family, method
         self.attention_mask = attention_mask
         self.record_names = set(record)
+        self.gradient_names = set(record_gradients)
+        self.gradients: Dict[str, Tensor] = {}
         self.hook_target = hook_target
         L, H = family.n_layers, family.n_heads
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
@@ -220,6 +223,13 @@ class _Sweep:
         self.records[name] = self.records[name] + relevance
 
     def _record_if_asked(self, name: str, out: Tensor, share: float = 1.0) -> None:
+        if name in self.gradient_names:  # the rule-modified gradient reaching the activation
+            self.gradients[name] = self.family.fold_kv(name, torch.zeros_like(out.detach()))
+
+            def keep_grad(g):
+                self.gradients[name] = self.gradients[name] + self.family.fold_kv(name, share * g.detach())
+
+            self._on_grad(out, keep_grad)
         if name in self.record_names:
             # zeros where no relevance arrives (e.g. a gate held constant)
             self.records[name] = self.family.fold_kv(name, torch.zeros_like(out.detach()))
@@ -508,6 +518,7 @@ def explain(
     record: Optional[Iterable[str]] = None,
     attention_mask: Optional[Tensor] = None,
     prepend_bos: Optional[bool] = None,
+    record_gradients: Optional[Iterable[str]] = None,
 ) -> Attribution:
     """Explain ``target`` on ``tokens`` with one hooked forward and one relevance sweep.
 
@@ -525,20 +536,25 @@ def explain(
             ``attr.hooks``.
         attention_mask: ``[batch, pos]`` right-padding mask for a LongTensor input.
         prepend_bos: passed to the tokenizer for string input (model default when None).
+        record_gradients: hook names whose *rule-modified gradient* (relevance / activation, the
+            modified-gradient view of LRP) is kept in ``attr.gradients`` (for attribution-patching
+            style estimates, see ``lens_palrp.analyses.relevance_patching``).
 
     The model is left exactly as it was: hooks removed, ``requires_grad``, mode and gradients
     restored, whether ``explain`` returns or raises.
     """
     # the sweep needs autograd even when the caller is in no_grad / inference mode
     with torch.inference_mode(False), torch.enable_grad():
-        return _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos)
+        return _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
+                        list(record_gradients or []))
 
 
-def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos) -> Attribution:
+def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
+             record_gradients) -> Attribution:
     family = family_for(model)
     m = get_method(method)
     record = list(record or [])
-    for name in record:
+    for name in record + record_gradients:
         if not family.has_hook(name):
             raise ValueError(f"record: the model has no hook point named {name!r}")
     dtype = next(model.parameters()).dtype
@@ -563,9 +579,9 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
             "lp.explain_similarity(...)"
         )
 
-    sweep = _Sweep(family, m, batch, n_pos, dtype, device, attention_mask, record, hook_target)
+    sweep = _Sweep(family, m, batch, n_pos, dtype, device, attention_mask, record, hook_target, record_gradients)
     roles = family.hook_roles()
-    names = set(roles) | set(record) | ({hook_target.hook_name} if hook_target else set())
+    names = set(roles) | set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
     fwd_hooks = [(name, sweep.hook_fn(name, roles.get(name))) for name in names]
 
     with model_left_unchanged(model, family):
@@ -645,6 +661,7 @@ def _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, v
         attention_mask=mask,
         target_position=positions,
         hooks=sweep.records,
+        gradients=sweep.gradients,
         semantic_positive=r_embed.clamp(min=0).sum(-1),
         positional_input_positive=positional_input_positive,
         positional_layer_positive=layer_positive,

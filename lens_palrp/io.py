@@ -11,6 +11,7 @@ import torch
 FORMAT_VERSION = 1
 _TENSOR_PREFIX = "field."
 _HOOK_PREFIX = "hook."
+_GRAD_PREFIX = "grad."
 
 
 def _versions() -> Dict[str, str]:
@@ -36,6 +37,11 @@ def save_attribution(attr, path: str, model_config: Any = None) -> str:
         elif name == "hooks":
             for hook, rel in value.items():
                 tensors[_HOOK_PREFIX + hook] = rel.detach().cpu().contiguous()
+        elif name == "gradients":
+            for hook, grad in value.items():
+                tensors[_GRAD_PREFIX + hook] = grad.detach().cpu().contiguous()
+        elif name == "metadata":
+            continue
         elif value is None:
             meta["fields"][name] = None
         else:
@@ -68,13 +74,16 @@ def load_attribution(path: str):
         )
     tensors = load_file(path)
     fields: Dict[str, Any] = dict(meta["fields"])
-    hooks = {}
+    hooks, gradients = {}, {}
     for key, value in tensors.items():
         if key.startswith(_TENSOR_PREFIX):
             fields[key[len(_TENSOR_PREFIX):]] = value
         elif key.startswith(_HOOK_PREFIX):
             hooks[key[len(_HOOK_PREFIX):]] = value
+        elif key.startswith(_GRAD_PREFIX):
+            gradients[key[len(_GRAD_PREFIX):]] = value
     fields["hooks"] = hooks
+    fields["gradients"] = gradients
     attr = Attribution(**fields)
     attr.metadata = {k: v for k, v in meta.items() if k != "fields"}
     return attr

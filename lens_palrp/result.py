@@ -112,6 +112,7 @@ class Attribution:
     attention_mask: Tensor
     target_position: Tensor
     hooks: Dict[str, Tensor] = field(default_factory=dict)
+    gradients: Dict[str, Tensor] = field(default_factory=dict)  # explain(record_gradients=...)
     # BERT-style token-type (segment) embedding: a third input sink, neither token nor position
     token_type: Optional[Tensor] = None
     # per-sink reductions needed by combined(): positive part and "abs" (authors' code) variants
@@ -254,7 +255,7 @@ class Attribution:
         for name, value in self.__dict__.items():
             if isinstance(value, Tensor):
                 moved[name] = value.to(device)
-            elif name == "hooks":
+            elif name in ("hooks", "gradients"):
                 moved[name] = {k: v.to(device) for k, v in value.items()}
             else:
                 moved[name] = value

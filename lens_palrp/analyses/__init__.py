@@ -1,6 +1,14 @@
 """What users run on an ``Attribution``: figures and the HTML report (each figure has a
 ``*_data`` twin returning its numbers)."""
 
+from lens_palrp.analyses.patching import (
+    PatchingComparison,
+    activation_patching,
+    compare_with_patching,
+    pearson,
+    relevance_patching,
+    spearman,
+)
 from lens_palrp.analyses.plots import (
     heads_data,
     heads_figure,
@@ -18,6 +26,7 @@ from lens_palrp.analyses.plots import (
 )
 
 __all__ = [
+    "PatchingComparison", "activation_patching", "compare_with_patching", "pearson", "relevance_patching", "spearman",
     "heads_data", "heads_figure", "layer_share_data", "layer_share_figure", "positional_heads_data",
     "positional_heads_figure", "report_figures", "residual_data", "residual_figure",
     "token_relevance_figure", "token_rows_data", "write_html", "write_report",

@@ -1,0 +1,81 @@
+"""Activation patching side by side, and relevance patching, on the zoo model."""
+
+import math
+
+import pytest
+import torch
+
+import lens_palrp as lp
+from lens_palrp import analyses as an
+
+if not lp.zoo.available():
+    pytest.skip("uses the zoo model (TransformerLens 3.x)", allow_module_level=True)
+
+CLEAN, CORRUPTED = "c h a p k b e g", "c h a p n b e g"  # the answer (3 back) is k, then n
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, _ = lp.zoo.load("rope-repeat")
+    model = model.to(torch.float64)
+    model.cfg.dtype = torch.float64
+    k, n = model.to_single_token("k"), model.to_single_token("n")
+    metric = lambda logits: logits[:, -1, k] - logits[:, -1, n]
+    return model, metric
+
+
+def test_correlation_helpers():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert an.pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    assert an.spearman(a, a**3) == pytest.approx(1.0)
+    assert an.spearman(a, -a) == pytest.approx(-1.0)
+    assert an.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([3.0, 3.0, 5.0])) == pytest.approx(1.0)
+
+
+def test_patching_the_only_changed_position_restores_the_clean_metric(setup):
+    model, metric = setup
+    cmp = an.compare_with_patching(model, CLEAN, CORRUPTED, metric)
+    with torch.no_grad():
+        full = float(metric(model(model.to_tokens(CLEAN))) - metric(model(model.to_tokens(CORRUPTED))))
+    # TransformerLens stores patching results in a float32 tensor
+    assert float(cmp.patching_resid[0, 5]) == pytest.approx(full, rel=1e-6)
+    assert float(cmp.patching_resid[0, :5].abs().max()) == 0.0  # unchanged positions: no effect
+    rows = cmp.table()
+    assert len(rows) == 2 * 4 + 2 * 9 and {"patching", "pa_lrp", "attn_lrp"} <= set(rows[0])
+    for method in ("pa_lrp", "attn_lrp"):
+        for value in cmp.correlations[method].values():
+            assert -1 <= value <= 1
+    torch.testing.assert_close(cmp.scores_heads["pa_lrp"], lp.explain(model, CLEAN, lambda x: metric(x)).heads[0])
+    fig = cmp.figure("pa_lrp")
+    assert len(fig.data) == 4 and "Spearman" in fig.layout.title.text
+
+
+def test_gradient_estimate_is_attribution_patching(setup):
+    """method 'grad' must equal (clean - corrupted) . dmetric/dz on the corrupted run, computed
+    here with plain autograd through TransformerLens hooks."""
+    model, metric = setup
+    rp = an.relevance_patching(model, CLEAN, CORRUPTED, metric, methods=("grad", "pa_lrp"))
+    corr = model.to_tokens(CORRUPTED)
+    _, clean_cache = model.run_with_cache(model.to_tokens(CLEAN))
+    acts = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        acts[hook.name] = act
+        return act
+
+    names = [f"blocks.{l}.attn.hook_z" for l in range(2)]
+    model.zero_grad(set_to_none=True)
+    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        metric(model(corr)).sum().backward()
+    expected = torch.stack([((clean_cache[n] - acts[n].detach()) * acts[n].grad).sum((0, 1, 3)) for n in names])
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(rp.scores_heads["grad"], expected, rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(rp.scores_heads["pa_lrp"], expected)  # the rules change the gradient
+    assert all(not math.isnan(v) for v in rp.correlations["pa_lrp"].values())
+
+
+def test_inputs_must_align(setup):
+    model, metric = setup
+    with pytest.raises(ValueError, match="same number of tokens"):
+        an.compare_with_patching(model, CLEAN, "c h a", metric)
