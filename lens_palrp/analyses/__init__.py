@@ -1,6 +1,8 @@
 """What users run on an ``Attribution``: figures and the HTML report (each figure has a
 ``*_data`` twin returning its numbers)."""
 
+from lens_palrp.analyses import faithfulness
+from lens_palrp.analyses.faithfulness import ground_truth_scores, perturbation_test, relevance_maps
 from lens_palrp.analyses.patching import (
     PatchingComparison,
     activation_patching,
@@ -26,6 +28,7 @@ from lens_palrp.analyses.plots import (
 )
 
 __all__ = [
+    "faithfulness", "ground_truth_scores", "perturbation_test", "relevance_maps",
     "PatchingComparison", "activation_patching", "compare_with_patching", "pearson", "relevance_patching", "spearman",
     "heads_data", "heads_figure", "layer_share_data", "layer_share_figure", "positional_heads_data",
     "positional_heads_figure", "report_figures", "residual_data", "residual_figure",

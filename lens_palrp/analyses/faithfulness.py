@@ -1,0 +1,259 @@
+"""Faithfulness by perturbation (REFERENCE.md section 4, the paper's protocol) and ground truth.
+
+For each sample the tokens are ordered by a method's relevance and perturbed in 11 steps,
+``f = 0, 0.1, ..., 1``, ``k = ceil(f N)`` tokens at step ``f``:
+
+* **generation**: start from all tokens masked, re-insert the ``k`` most relevant (at ``f = 1``
+  the input is restored exactly; asserted);
+* **pruning**: start from the full input, mask the ``k`` least relevant (= LeRF);
+* **morf**: mask the ``k`` *most* relevant first.
+
+Metrics, each the trapezoid area over ``f`` in [0, 1]: **AUAC**, the softmax probability of the
+target token (higher is better for generation and pruning); **AU-MSE**, the squared difference
+between the original and the perturbed target logit (lower is better); and the area under the
+target logit for MoRF / LeRF. The 11 perturbed inputs of a sample run as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lens_palrp.engine import explain, prepare_tokens
+from lens_palrp.hooks import family_for
+
+FRACTIONS = torch.linspace(0, 1, 11, dtype=torch.float64)
+MODES = ("generation", "pruning", "morf")
+
+
+def trapezoid(values: Tensor, fractions: Tensor = FRACTIONS) -> Tensor:
+    """Area under ``values[..., steps]`` over ``fractions`` (x from 0 to 1)."""
+    v = values.double()
+    dx = (fractions[1:] - fractions[:-1]).to(v.device)
+    return ((v[..., 1:] + v[..., :-1]) * 0.5 * dx).sum(-1)
+
+
+def perturbation_order(relevance: Tensor, perturbable: Tensor, descending: bool) -> Tensor:
+    """Positions sorted by relevance (stable: ties keep position order), non-perturbable last."""
+    key = relevance.double().clone()
+    fill = -math.inf if descending else math.inf
+    key[~perturbable] = fill
+    return torch.sort(key, descending=descending, stable=True).indices
+
+
+def perturbed_inputs(tokens: Tensor, relevance: Tensor, perturbable: Tensor, mode: str,
+                     mask_token: int, fractions: Tensor = FRACTIONS) -> Tensor:
+    """``[steps, pos]`` inputs of one sample for ``mode`` (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    n = int(perturbable.sum())
+    order = perturbation_order(relevance, perturbable, descending=mode in ("generation", "morf"))
+    out = []
+    for f in fractions.tolist():
+        k = math.ceil(f * n - 1e-9)
+        chosen = order[:k]
+        if mode == "generation":  # everything masked except the k most relevant
+            x = torch.where(perturbable, torch.full_like(tokens, mask_token), tokens)
+            x[chosen] = tokens[chosen]
+        else:  # mask the k least (pruning) / most (morf) relevant
+            x = tokens.clone()
+            x[chosen] = mask_token
+        out.append(x)
+    inputs = torch.stack(out)
+    if mode == "generation" and not torch.equal(inputs[-1], tokens):
+        raise AssertionError("generation at f = 1 must restore the input exactly")
+    return inputs
+
+
+def default_mask_token(model) -> int:
+    """UNK when the vocabulary has one, else a neutral token (pad, else eos)."""
+    tok = getattr(model, "tokenizer", None)
+    for name in ("unk_token_id", "pad_token_id", "eos_token_id"):
+        value = getattr(tok, name, None) if tok is not None else None
+        if value is not None:
+            return int(value)
+    raise ValueError("the model's tokenizer has no unk / pad / eos token: pass mask_token")
+
+
+@dataclass
+class PerturbationResult:
+    """Per-sample curves ``{method: {mode: {"prob" | "logit": [samples, steps]}}}`` and metrics."""
+
+    curves: Dict[str, Dict[str, Dict[str, Tensor]]]
+    original_logit: Tensor
+    fractions: Tensor = field(default_factory=lambda: FRACTIONS.clone())
+
+    def metrics(self) -> Dict[str, Dict[str, Tensor]]:
+        """Per-sample metrics ``{method: {metric: [samples]}}``."""
+        out = {}
+        for method, modes in self.curves.items():
+            m = {}
+            for mode in ("generation", "pruning"):
+                if mode in modes:
+                    m[f"{mode}_auac"] = trapezoid(modes[mode]["prob"], self.fractions)
+                    err = (modes[mode]["logit"] - self.original_logit[:, None]) ** 2
+                    m[f"{mode}_au_mse"] = trapezoid(err, self.fractions)
+            if "morf" in modes:
+                m["morf_logit"] = trapezoid(modes["morf"]["logit"], self.fractions)
+            if "pruning" in modes:
+                m["lerf_logit"] = trapezoid(modes["pruning"]["logit"], self.fractions)
+            out[method] = m
+        return out
+
+    def summary(self, n_boot: int = 1000, seed: int = 0) -> List[dict]:
+        """Mean and 95% bootstrap interval per method and metric (seeded)."""
+        rows = []
+        for method, metrics in self.metrics().items():
+            for name, values in metrics.items():
+                mean, low, high = bootstrap_mean(values, n_boot, seed)
+                rows.append({"method": method, "metric": name, "mean": mean, "ci_low": low,
+                             "ci_high": high, "n": int(values.numel())})
+        return rows
+
+    def figure(self, mode: str = "generation", quantity: str = "prob"):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for method, modes in self.curves.items():
+            if mode in modes:
+                fig.add_trace(go.Scatter(x=self.fractions.tolist(), y=modes[mode][quantity].mean(0).tolist(),
+                                         mode="lines+markers", name=method))
+        fig.update_layout(title=f"Perturbation curves ({mode}, mean {quantity} of the target)",
+                          xaxis_title="fraction of tokens", yaxis_title=f"target {quantity}")
+        return fig
+
+
+def bootstrap_mean(values: Tensor, n_boot: int = 1000, seed: int = 0):
+    """Mean and the 2.5% / 97.5% quantiles of the bootstrap distribution of the mean."""
+    v = values.double().flatten().cpu()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(v), (n_boot, len(v)), generator=g)
+    means = v[idx].mean(1)
+    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+# ------------------------------------------------------------------------------- methods
+def attention_rollout(model, tokens: Tensor, attention_mask: Optional[Tensor], positions: Tensor) -> Tensor:
+    """Abnar & Zuidema (2020): ``prod_l (A_l + I) / 2`` with heads averaged and rows renormalized;
+    the row of the explained position is the map."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(family_for(model).n_layers)]
+    with torch.no_grad():
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kwargs)
+    rollout = None
+    for name in names:
+        a = cache[name].double().mean(1)  # [batch, q, k]
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    return rollout[rows, positions.to(tokens.device)].to(torch.float64)
+
+
+METHOD_NAMES = ("random", "grad_x_input", "attention_rollout", "cp_lrp", "attn_lrp", "pe_only",
+                "pa_lrp", "pa_lrp_abs")
+
+
+def relevance_maps(model, tokens: Tensor, attention_mask: Optional[Tensor], target: Tensor,
+                   positions: Tensor, methods: Sequence[str] = METHOD_NAMES, seed: int = 0) -> Dict[str, Tensor]:
+    """``{method: [batch, pos]}`` relevance maps on identical inputs.
+
+    LRP baselines use their signed token relevance (as AttnLRP's own evaluation does); PA-LRP the
+    paper's Eq. 11 ("relu") or the authors' "abs" aggregation; PE-only the positional sinks alone.
+    """
+    maps: Dict[str, Tensor] = {}
+    need = set(methods)
+    explained = {}
+    for method in ("grad_x_input", "cp_lrp", "attn_lrp", "pa_lrp"):
+        if method in need or (method == "pa_lrp" and need & {"pe_only", "pa_lrp_abs"}):
+            explained[method] = explain(model, tokens, target, method=method, position=positions,
+                                        attention_mask=attention_mask)
+    for method in methods:
+        if method == "random":
+            g = torch.Generator().manual_seed(seed)
+            maps[method] = torch.rand(tokens.shape, generator=g, dtype=torch.float64)
+        elif method == "attention_rollout":
+            maps[method] = attention_rollout(model, tokens, attention_mask, positions).cpu()
+        elif method in ("grad_x_input", "cp_lrp", "attn_lrp"):
+            maps[method] = explained[method].semantic.double().cpu()
+        elif method == "pe_only":
+            maps[method] = explained["pa_lrp"].combined("relu", "positional").double().cpu()
+        elif method == "pa_lrp":
+            maps[method] = explained["pa_lrp"].combined("relu").double().cpu()
+        elif method == "pa_lrp_abs":
+            maps[method] = explained["pa_lrp"].combined("abs").double().cpu()
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from {METHOD_NAMES}")
+    return maps
+
+
+def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = METHOD_NAMES,
+                      modes: Sequence[str] = MODES, mask_token: Optional[int] = None, seed: int = 0,
+                      protect_first: bool = True, progress: bool = True,
+                      maps: Optional[Dict[str, Tensor]] = None) -> PerturbationResult:
+    """Run the protocol on ``prompts`` (strings or a LongTensor) explaining ``targets`` (token ids
+    at each prompt's last token; default: the model's prediction there).
+
+    ``protect_first`` keeps position 0 (BOS / CLS) out of the perturbation. ``maps`` can pass
+    precomputed relevance maps ``{method: [batch, pos]}``.
+    """
+    from tqdm.auto import tqdm
+
+    family = family_for(model)
+    device = next(model.parameters()).device
+    tokens, mask, _ = prepare_tokens(family, prompts, None, None, device)
+    batch, n_pos = tokens.shape
+    mask = torch.ones_like(tokens) if mask is None else mask
+    lengths = mask.sum(-1)
+    positions = (lengths - 1).cpu()
+    rows = torch.arange(batch, device=device)
+    with torch.no_grad():
+        logits = family.forward(tokens, None if bool(mask.all()) else mask, [])
+    last = logits[rows, positions.to(device)]
+    if targets is None:
+        targets = last.argmax(-1).cpu()
+    targets = torch.as_tensor(targets).reshape(-1).long().cpu()
+    original_logit = last[rows, targets.to(device)].double().cpu()
+    mask_token = default_mask_token(model) if mask_token is None else int(mask_token)
+    if maps is None:
+        maps = relevance_maps(model, tokens, None if bool(mask.all()) else mask, targets, positions,
+                              methods, seed)
+    perturbable = mask.bool().cpu().clone()
+    if protect_first:
+        perturbable[:, 0] = False
+    curves = {m: {mode: {"prob": torch.zeros(batch, len(FRACTIONS), dtype=torch.float64),
+                         "logit": torch.zeros(batch, len(FRACTIONS), dtype=torch.float64)}
+                  for mode in modes} for m in maps}
+    for i in tqdm(range(batch), disable=not progress, desc="perturbation"):
+        n = int(lengths[i])
+        for method, relevance in maps.items():
+            stacked = [perturbed_inputs(tokens[i, :n].cpu(), relevance[i, :n], perturbable[i, :n], mode, mask_token)
+                       for mode in modes]
+            inputs = torch.cat(stacked).to(device)
+            with torch.no_grad():
+                out = family.forward(inputs, None, [])[:, n - 1].double()
+            probs = out.softmax(-1)[:, int(targets[i])].cpu()
+            logit = out[:, int(targets[i])].cpu()
+            for j, mode in enumerate(modes):
+                sl = slice(j * len(FRACTIONS), (j + 1) * len(FRACTIONS))
+                curves[method][mode]["prob"][i] = probs[sl]
+                curves[method][mode]["logit"][i] = logit[sl]
+    return PerturbationResult(curves, original_logit)
+
+
+# ------------------------------------------------------------------------------- ground truth
+def ground_truth_scores(relevance: Tensor, relevant: Tensor, valid: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Per sample: the share of the *positive* relevance mass on the truly relevant positions, and
+    whether the top-1 position is one of them ("pointing")."""
+    r = relevance.double()
+    if valid is not None:
+        r = torch.where(valid.bool(), r, torch.full_like(r, -math.inf))
+    positive = r.clamp(min=0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    total = positive.sum(-1)
+    share = (positive * relevant.double()).sum(-1) / torch.where(total == 0, torch.ones_like(total), total)
+    pointing = relevant.bool().gather(-1, r.argmax(-1, keepdim=True)).squeeze(-1).double()
+    return {"mass_share": share, "pointing": pointing}
