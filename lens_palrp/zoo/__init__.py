@@ -1,7 +1,7 @@
 """Small models the project trains and ships, each on a task where position decides the answer.
 
 >>> lp.zoo.names()
-['rope-repeat']
+['alibi-repeat', 'learned-absolute', 'rope-repeat']
 >>> model, tokenizer = lp.zoo.load("rope-repeat")
 
 Weights live in ``lens_palrp/zoo/weights`` (package data, no network); each comes with the command
@@ -24,11 +24,31 @@ MODELS: Dict[str, dict] = {
     "rope-repeat": {
         "description": "2-layer LLaMA-style RoPE model (RMSNorm, gated SiLU MLP); at every position "
         "it outputs the token 3 positions back, so the answer is decided by position alone.",
-        "task": {"k": 3, "n_pos": 16},
+        "task": {"name": "repeat-back", "k": 3, "n_pos": 16},
         "config": dict(
             n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=32, d_vocab=18,
             act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
             rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True, default_prepend_bos=True,
+        ),
+    },
+    "learned-absolute": {
+        "description": "2-layer GPT-2-style model (learned position embeddings, LayerNorm, GELU); at "
+        "every position after the third it outputs the token at absolute position 2.",
+        "task": {"name": "absolute-position", "p": 2, "n_pos": 16},
+        "config": dict(
+            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=32, d_vocab=18,
+            act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
+            default_prepend_bos=True,
+        ),
+    },
+    "alibi-repeat": {
+        "description": "2-layer ALiBi model (LayerNorm, ReLU MLP); at every position it outputs the "
+        "previous token, so the answer is decided by the relative position alone.",
+        "task": {"name": "repeat-back", "k": 1, "n_pos": 16},
+        "config": dict(
+            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=32, d_vocab=18,
+            act_fn="relu", normalization_type="LN", positional_embedding_type="alibi",
+            default_prepend_bos=True,
         ),
     },
 }
@@ -94,6 +114,13 @@ def load(name: str, dtype=torch.float32) -> Tuple["HookedTransformer", object]: 
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     model.eval()
     return model, model.tokenizer
+
+
+def task(name: str):
+    """The task a zoo model was trained on (``batch``, ``relevant_position``)."""
+    from lens_palrp.zoo.tasks import make_task
+
+    return make_task(MODELS[_check(name)]["task"])
 
 
 def training_record(name: str) -> dict:

@@ -29,6 +29,8 @@ def build_tokenizer(folder: str):
 
 @dataclass(frozen=True)
 class RepeatBack:
+    name = "repeat-back"
+
     """At every position ``t >= k`` the answer is the token ``k`` positions back, ``x[t - k]``.
 
     Inputs are ``<bos>`` followed by uniformly random symbols, so nothing but the position
@@ -40,8 +42,47 @@ class RepeatBack:
     n_pos: int = 16
 
     def batch(self, size: int, generator: torch.Generator):
-        body = torch.randint(len(SPECIAL), len(VOCAB), (size, self.n_pos - 1), generator=generator)
-        tokens = torch.cat([torch.zeros(size, 1, dtype=torch.long), body], dim=1)
+        tokens = _random_tokens(size, self.n_pos, generator)
         labels = torch.full_like(tokens, -100)
         labels[:, self.k + 1 :] = tokens[:, 1 : self.n_pos - self.k]  # skip <bos> as an answer
         return tokens, labels
+
+    def relevant_position(self, position: int) -> int:
+        """The position whose token answers at ``position``."""
+        return position - self.k
+
+
+@dataclass(frozen=True)
+class AbsolutePosition:
+    """At every position ``t > p`` the answer is the token at the fixed absolute position ``p``.
+
+    Only the absolute position identifies the answer (learned position embeddings can encode it;
+    relative schemes must count), so the explanation must point at position ``p``.
+    """
+
+    name = "absolute-position"
+    p: int = 2
+    n_pos: int = 16
+
+    def batch(self, size: int, generator: torch.Generator):
+        tokens = _random_tokens(size, self.n_pos, generator)
+        labels = torch.full_like(tokens, -100)
+        labels[:, self.p + 1 :] = tokens[:, self.p : self.p + 1]
+        return tokens, labels
+
+    def relevant_position(self, position: int) -> int:
+        return self.p
+
+
+TASKS = {"repeat-back": RepeatBack, "absolute-position": AbsolutePosition}
+
+
+def make_task(spec: dict):
+    """A task from its zoo spec ``{"name": ..., **parameters}`` (name defaults to repeat-back)."""
+    spec = dict(spec)
+    return TASKS[spec.pop("name", "repeat-back")](**spec)
+
+
+def _random_tokens(size: int, n_pos: int, generator: torch.Generator) -> torch.Tensor:
+    body = torch.randint(len(SPECIAL), len(VOCAB), (size, n_pos - 1), generator=generator)
+    return torch.cat([torch.zeros(size, 1, dtype=torch.long), body], dim=1)

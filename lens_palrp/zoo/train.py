@@ -1,6 +1,8 @@
 """Retrain a zoo model from scratch on the CPU, reproducibly.
 
-    python -m lens_palrp.zoo.train rope-repeat        # about a minute on 2 cores
+    python -m lens_palrp.zoo.train rope-repeat        # about 80 s on 2 cores
+    python -m lens_palrp.zoo.train learned-absolute
+    python -m lens_palrp.zoo.train alibi-repeat
 
 Writes ``lens_palrp/zoo/weights/<name>.pt`` (the state dict) and ``<name>.json`` (config and the
 training record). Fixed seeds, single-threaded math: the same command gives the same weights.
@@ -16,7 +18,7 @@ import time
 import torch
 
 from lens_palrp.zoo import MODELS, WEIGHTS_DIR, build_model
-from lens_palrp.zoo.tasks import RepeatBack
+from lens_palrp.zoo.tasks import make_task
 
 
 def train(
@@ -27,7 +29,7 @@ def train(
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     model = build_model(name, with_tokenizer=False)
-    task = RepeatBack(**spec["task"])
+    task = make_task(spec["task"])
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
