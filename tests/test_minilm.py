@@ -129,3 +129,17 @@ def test_hooked_encoder_gives_the_bridge_numbers(bridge):
             torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-8, atol=1e-11)
     with pytest.raises(NotImplementedError, match="at_hook"):
         lp.explain(encoder, [A], 100)
+
+
+def test_similarity_perturbation_protocol(bridge):
+    from lens_palrp.analyses.faithfulness import FRACTIONS, similarity_perturbation_test
+
+    pairs = [(A, B), ("The cat sleeps on the warm windowsill.", "A kitten naps by the window.")]
+    result = similarity_perturbation_test(bridge, pairs, progress=False)
+    for method, modes in result.curves.items():
+        # generation ends on the original pair, pruning starts from it
+        torch.testing.assert_close(modes["generation"][:, -1], result.original, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(modes["pruning"][:, 0], result.original, rtol=1e-6, atol=1e-6)
+        assert modes["morf"].shape == (2, len(FRACTIONS))
+    metrics = result.metrics()
+    assert float(metrics["pa_lrp"]["generation_au_mse"].mean()) < float(metrics["random"]["generation_au_mse"].mean())

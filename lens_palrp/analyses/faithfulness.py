@@ -257,3 +257,121 @@ def ground_truth_scores(relevance: Tensor, relevant: Tensor, valid: Optional[Ten
     share = (positive * relevant.double()).sum(-1) / torch.where(total == 0, torch.ones_like(total), total)
     pointing = relevant.bool().gather(-1, r.argmax(-1, keepdim=True)).squeeze(-1).double()
     return {"mass_share": share, "pointing": pointing}
+
+
+# ------------------------------------------------------------------------------- sentence similarity
+@dataclass
+class SimilarityResult:
+    """Per-pair similarity curves ``{method: {mode: [pairs, steps]}}`` under perturbation."""
+
+    curves: Dict[str, Dict[str, Tensor]]
+    original: Tensor
+    fractions: Tensor = field(default_factory=lambda: FRACTIONS.clone())
+
+    def metrics(self) -> Dict[str, Dict[str, Tensor]]:
+        """``{mode}_au_sim`` (area under the similarity; generation / pruning: higher is better,
+        morf: lower) and ``{mode}_au_mse`` (squared change of the similarity; lower is better)."""
+        out = {}
+        for method, modes in self.curves.items():
+            out[method] = {}
+            for mode, curve in modes.items():
+                out[method][f"{mode}_au_sim"] = trapezoid(curve, self.fractions)
+                out[method][f"{mode}_au_mse"] = trapezoid((curve - self.original[:, None]) ** 2, self.fractions)
+        return out
+
+
+def _pooled_cosine(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Cosine of the mean-pooled embeddings of rows (0, 1), (2, 3), ... of ``hidden``."""
+    w = mask.to(hidden.dtype)[..., None]
+    pooled = (hidden * w).sum(1) / w.sum(1)
+    return torch.nn.functional.cosine_similarity(pooled[0::2], pooled[1::2], dim=-1)
+
+
+def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_NAMES,
+                                 modes: Sequence[str] = MODES, mask_token: Optional[int] = None,
+                                 seed: int = 0, progress: bool = True) -> SimilarityResult:
+    """The protocol for sentence similarity (e.g. all-MiniLM-L6-v2): both sentences of a pair are
+    perturbed at the same fraction, each by its own relevance map (``lp.explain_similarity``), the
+    first and last real token ([CLS], [SEP]) protected; the curve is the cosine similarity of the
+    mean-pooled embeddings."""
+    from tqdm.auto import tqdm
+
+    from lens_palrp.similarity import explain_similarity
+
+    family = family_for(model)
+    device = next(model.parameters()).device
+    mask_token = default_mask_token(model) if mask_token is None else int(mask_token)
+    hook = family.final_hidden_hook
+    curves = {m: {mode: torch.zeros(len(pairs), len(FRACTIONS), dtype=torch.float64) for mode in modes}
+              for m in methods}
+    original = torch.zeros(len(pairs), dtype=torch.float64)
+
+    def similarity(tokens: Tensor, mask: Tensor) -> Tensor:
+        store = {}
+
+        def grab(act, hook=None):
+            store["h"] = act.detach()
+            return act
+
+        with torch.no_grad():
+            family.forward(tokens.to(device), mask.to(device), [(hook, grab)])
+        return _pooled_cosine(store["h"].double(), mask.to(store["h"].device)).cpu()
+
+    for i, (a, b) in enumerate(tqdm(pairs, disable=not progress, desc="similarity perturbation")):
+        explained = {m: explain_similarity(model, a, b, method=m)
+                     for m in ("grad_x_input", "cp_lrp", "attn_lrp", "pa_lrp")
+                     if m in methods or (m == "pa_lrp" and set(methods) & {"pe_only", "pa_lrp_abs"})}
+        ref = next(iter(explained.values())) if explained else explain_similarity(model, a, b, method="grad_x_input")
+        tokens, mask = ref.tokens.cpu(), ref.attention_mask.cpu()
+        original[i] = float(ref.target_value.sum())
+        lengths = mask.sum(-1)
+        maps = {}
+        for m in methods:
+            if m == "random":
+                maps[m] = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
+            elif m == "attention_rollout":
+                names = [f"blocks.{l}.attn.hook_pattern" for l in range(family.n_layers)]
+                store = {}
+
+                def keep(act, hook):
+                    store[hook.name] = act.detach().double()
+                    return act
+
+                with torch.no_grad():
+                    family.forward(tokens.to(device), mask.to(device), [(n, keep) for n in names])
+                roll = None
+                for n in names:
+                    att = store[n].mean(1).cpu()
+                    att = 0.5 * att + 0.5 * torch.eye(att.shape[-1], dtype=att.dtype)
+                    att = att / att.sum(-1, keepdim=True)
+                    roll = att if roll is None else att @ roll
+                w = mask.double()[:, :, None]
+                maps[m] = (roll * w).sum(1) / w.sum(1)  # averaged over the pooled (real) rows
+            elif m in ("grad_x_input", "cp_lrp", "attn_lrp"):
+                maps[m] = explained[m].semantic.double().cpu()
+            elif m == "pe_only":
+                maps[m] = explained["pa_lrp"].combined("relu", "positional").double().cpu()
+            elif m == "pa_lrp":
+                maps[m] = explained["pa_lrp"].combined("relu").double().cpu()
+            elif m == "pa_lrp_abs":
+                maps[m] = explained["pa_lrp"].combined("abs").double().cpu()
+            else:
+                raise ValueError(f"unknown method {m!r}; choose from {METHOD_NAMES}")
+        for m, relevance in maps.items():
+            rows = []
+            for mode in modes:
+                per_sentence = []
+                for r in range(2):
+                    n = int(lengths[r])
+                    perturbable = torch.zeros(tokens.shape[1], dtype=torch.bool)
+                    perturbable[1 : n - 1] = True
+                    full = perturbed_inputs(tokens[r], relevance[r], perturbable, mode, mask_token)
+                    per_sentence.append(full)
+                # interleave: step s -> rows (a_s, b_s)
+                rows.append(torch.stack(per_sentence, 1).reshape(-1, tokens.shape[1]))
+            batch_tokens = torch.cat(rows)
+            batch_mask = mask.repeat(len(FRACTIONS) * len(modes), 1)
+            sims = similarity(batch_tokens, batch_mask)
+            for j, mode in enumerate(modes):
+                curves[m][mode][i] = sims[j * len(FRACTIONS) : (j + 1) * len(FRACTIONS)]
+    return SimilarityResult(curves, original)
