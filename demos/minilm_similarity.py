@@ -13,7 +13,6 @@ import argparse
 import os
 import time
 
-import torch
 
 import lens_palrp as lp
 from lens_palrp.analyses import token_relevance_figure, write_html

@@ -1,6 +1,5 @@
 """Figures and the HTML report: data arrays, titles and labels (not pixels); one real browser load."""
 
-import os
 import shutil
 import subprocess
 

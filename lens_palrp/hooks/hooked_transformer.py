@@ -20,7 +20,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from lens_palrp.hooks.roles import HookRole, Role
