@@ -20,10 +20,15 @@ from lens_palrp.result import Attribution
 from lens_palrp.targets import at_hook
 
 
+def mean_pool(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values[batch, pos, ...]`` over each row's real positions (linear in ``values``)."""
+    weights = mask.to(values.dtype).reshape(*mask.shape, *([1] * (values.ndim - 2)))
+    return (values * weights).sum(1) / weights.sum(1)
+
+
 def pooled_cosine_halves(hidden: Tensor, mask: Tensor) -> Tensor:
     """``[cos/2, cos/2]`` for a batch of two, each half differentiable only through its own side."""
-    weights = mask.to(hidden.dtype)[..., None]
-    pooled = (hidden * weights).sum(1) / weights.sum(1)  # mean over real tokens: linear
+    pooled = mean_pool(hidden, mask)
     a, b = pooled[0], pooled[1]
     norms = (a.norm() * b.norm()).detach()
     return torch.stack([0.5 * (a * b.detach()).sum() / norms, 0.5 * (a.detach() * b).sum() / norms])

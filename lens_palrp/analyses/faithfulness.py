@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from lens_palrp.engine import explain, prepare_tokens
 from lens_palrp.hooks import family_for
+from lens_palrp.similarity import explain_similarity, mean_pool
 
 FRACTIONS = torch.linspace(0, 1, 11, dtype=torch.float64)
 MODES = ("generation", "pruning", "morf")
@@ -137,47 +138,57 @@ def bootstrap_mean(values: Tensor, n_boot: int = 1000, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------- methods
-def attention_rollout(model, tokens: Tensor, attention_mask: Optional[Tensor], positions: Tensor) -> Tensor:
-    """Abnar & Zuidema (2020): ``prod_l (A_l + I) / 2`` with heads averaged and rows renormalized;
-    the row of the explained position is the map."""
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(family_for(model).n_layers)]
+def rollout_matrix(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """Abnar & Zuidema (2020): ``prod_l (A_l + I) / 2`` with heads averaged and rows renormalized,
+    ``[batch, pos, pos]`` (row = query position)."""
+    family = family_for(model)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(family.n_layers)]
+    patterns = {}
+
+    def keep(act, hook):
+        patterns[hook.name] = act.detach().double()
+        return act
+
     with torch.no_grad():
-        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kwargs)
+        family.forward(tokens, attention_mask, [(n, keep) for n in names])
     rollout = None
     for name in names:
-        a = cache[name].double().mean(1)  # [batch, q, k]
+        a = patterns[name].mean(1)  # [batch, q, k]
         a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
         a = a / a.sum(-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    return rollout[rows, positions.to(tokens.device)].to(torch.float64)
+    return rollout
+
+
+def attention_rollout(model, tokens: Tensor, attention_mask: Optional[Tensor], positions: Tensor) -> Tensor:
+    """Attention rollout map: the rollout row of the explained position."""
+    rollout = rollout_matrix(model, tokens, attention_mask)
+    rows = torch.arange(tokens.shape[0], device=rollout.device)
+    return rollout[rows, positions.to(rollout.device)]
 
 
 METHOD_NAMES = ("random", "grad_x_input", "attention_rollout", "cp_lrp", "attn_lrp", "pe_only",
                 "pa_lrp", "pa_lrp_abs")
 
 
-def relevance_maps(model, tokens: Tensor, attention_mask: Optional[Tensor], target: Tensor,
-                   positions: Tensor, methods: Sequence[str] = METHOD_NAMES, seed: int = 0) -> Dict[str, Tensor]:
-    """``{method: [batch, pos]}`` relevance maps on identical inputs.
+_EXPLAINED = ("grad_x_input", "cp_lrp", "attn_lrp", "pa_lrp")
 
-    LRP baselines use their signed token relevance (as AttnLRP's own evaluation does); PA-LRP the
-    paper's Eq. 11 ("relu") or the authors' "abs" aggregation; PE-only the positional sinks alone.
-    """
-    maps: Dict[str, Tensor] = {}
+
+def _explained_methods(methods: Sequence[str]) -> List[str]:
+    """The ``explain`` runs the requested maps need (PE-only and "abs" read the PA-LRP run)."""
     need = set(methods)
-    explained = {}
-    for method in ("grad_x_input", "cp_lrp", "attn_lrp", "pa_lrp"):
-        if method in need or (method == "pa_lrp" and need & {"pe_only", "pa_lrp_abs"}):
-            explained[method] = explain(model, tokens, target, method=method, position=positions,
-                                        attention_mask=attention_mask)
+    return [m for m in _EXPLAINED if m in need or (m == "pa_lrp" and need & {"pe_only", "pa_lrp_abs"})]
+
+
+def _maps(methods: Sequence[str], explained, shape, seed: int, rollout: Callable[[], Tensor]) -> Dict[str, Tensor]:
+    """``{method: map}`` from the ``explain`` results; ``rollout()`` is called only if asked."""
+    maps: Dict[str, Tensor] = {}
     for method in methods:
         if method == "random":
             g = torch.Generator().manual_seed(seed)
-            maps[method] = torch.rand(tokens.shape, generator=g, dtype=torch.float64)
+            maps[method] = torch.rand(shape, generator=g, dtype=torch.float64)
         elif method == "attention_rollout":
-            maps[method] = attention_rollout(model, tokens, attention_mask, positions).cpu()
+            maps[method] = rollout().double().cpu()
         elif method in ("grad_x_input", "cp_lrp", "attn_lrp"):
             maps[method] = explained[method].semantic.double().cpu()
         elif method == "pe_only":
@@ -189,6 +200,19 @@ def relevance_maps(model, tokens: Tensor, attention_mask: Optional[Tensor], targ
         else:
             raise ValueError(f"unknown method {method!r}; choose from {METHOD_NAMES}")
     return maps
+
+
+def relevance_maps(model, tokens: Tensor, attention_mask: Optional[Tensor], target: Tensor,
+                   positions: Tensor, methods: Sequence[str] = METHOD_NAMES, seed: int = 0) -> Dict[str, Tensor]:
+    """``{method: [batch, pos]}`` relevance maps on identical inputs.
+
+    LRP baselines use their signed token relevance (as AttnLRP's own evaluation does); PA-LRP the
+    paper's Eq. 11 ("relu") or the authors' "abs" aggregation; PE-only the positional sinks alone.
+    """
+    explained = {m: explain(model, tokens, target, method=m, position=positions, attention_mask=attention_mask)
+                 for m in _explained_methods(methods)}
+    return _maps(methods, explained, tokens.shape, seed,
+                 lambda: attention_rollout(model, tokens, attention_mask, positions))
 
 
 def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = METHOD_NAMES,
@@ -282,8 +306,7 @@ class SimilarityResult:
 
 def _pooled_cosine(hidden: Tensor, mask: Tensor) -> Tensor:
     """Cosine of the mean-pooled embeddings of rows (0, 1), (2, 3), ... of ``hidden``."""
-    w = mask.to(hidden.dtype)[..., None]
-    pooled = (hidden * w).sum(1) / w.sum(1)
+    pooled = mean_pool(hidden, mask)
     return torch.nn.functional.cosine_similarity(pooled[0::2], pooled[1::2], dim=-1)
 
 
@@ -296,7 +319,6 @@ def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_N
     mean-pooled embeddings."""
     from tqdm.auto import tqdm
 
-    from lens_palrp.similarity import explain_similarity
 
     family = family_for(model)
     device = next(model.parameters()).device
@@ -318,45 +340,15 @@ def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_N
         return _pooled_cosine(store["h"].double(), mask.to(store["h"].device)).cpu()
 
     for i, (a, b) in enumerate(tqdm(pairs, disable=not progress, desc="similarity perturbation")):
-        explained = {m: explain_similarity(model, a, b, method=m)
-                     for m in ("grad_x_input", "cp_lrp", "attn_lrp", "pa_lrp")
-                     if m in methods or (m == "pa_lrp" and set(methods) & {"pe_only", "pa_lrp_abs"})}
-        ref = next(iter(explained.values())) if explained else explain_similarity(model, a, b, method="grad_x_input")
+        needed = _explained_methods(methods) or ["grad_x_input"]  # one run gives the tokens
+        explained = {m: explain_similarity(model, a, b, method=m) for m in needed}
+        ref = explained[needed[0]]
         tokens, mask = ref.tokens.cpu(), ref.attention_mask.cpu()
         original[i] = float(ref.target_value.sum())
         lengths = mask.sum(-1)
-        maps = {}
-        for m in methods:
-            if m == "random":
-                maps[m] = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
-            elif m == "attention_rollout":
-                names = [f"blocks.{l}.attn.hook_pattern" for l in range(family.n_layers)]
-                store = {}
-
-                def keep(act, hook):
-                    store[hook.name] = act.detach().double()
-                    return act
-
-                with torch.no_grad():
-                    family.forward(tokens.to(device), mask.to(device), [(n, keep) for n in names])
-                roll = None
-                for n in names:
-                    att = store[n].mean(1).cpu()
-                    att = 0.5 * att + 0.5 * torch.eye(att.shape[-1], dtype=att.dtype)
-                    att = att / att.sum(-1, keepdim=True)
-                    roll = att if roll is None else att @ roll
-                w = mask.double()[:, :, None]
-                maps[m] = (roll * w).sum(1) / w.sum(1)  # averaged over the pooled (real) rows
-            elif m in ("grad_x_input", "cp_lrp", "attn_lrp"):
-                maps[m] = explained[m].semantic.double().cpu()
-            elif m == "pe_only":
-                maps[m] = explained["pa_lrp"].combined("relu", "positional").double().cpu()
-            elif m == "pa_lrp":
-                maps[m] = explained["pa_lrp"].combined("relu").double().cpu()
-            elif m == "pa_lrp_abs":
-                maps[m] = explained["pa_lrp"].combined("abs").double().cpu()
-            else:
-                raise ValueError(f"unknown method {m!r}; choose from {METHOD_NAMES}")
+        # rollout: averaged over the rows that are pooled (the real tokens)
+        maps = _maps(methods, explained, tokens.shape, seed + i,
+                     lambda: mean_pool(rollout_matrix(model, tokens.to(device), mask.to(device)).cpu(), mask))
         for m, relevance in maps.items():
             rows = []
             for mode in modes:
