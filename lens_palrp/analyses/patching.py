@@ -175,20 +175,17 @@ def relevance_patching(model, clean, corrupted, metric: Callable[[Tensor], Tenso
     L = family.n_layers
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     r_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean_t, names_filter=lambda n: n in z_names + r_names)
+    wanted = lambda n: n in z_names + r_names  # noqa: E731
+    with torch.no_grad():  # one forward per input; the differences serve every method
+        _, clean_cache = model.run_with_cache(clean_t, names_filter=wanted)
+        _, corr_cache = model.run_with_cache(corr_t, names_filter=wanted)
+    delta = {n: clean_cache[n] - corr_cache[n] for n in z_names + r_names}
     heads, resid = {}, {}
     for method in methods:
         lrp_method = "grad_x_input" if method == "grad" else method
         attr = explain(model, corr_t, _batch_metric(metric), method=lrp_method, record_gradients=z_names + r_names)
-        with torch.no_grad():
-            _, corr_cache = model.run_with_cache(corr_t, names_filter=lambda n: n in z_names + r_names)
-        heads[method] = torch.stack([
-            ((clean_cache[n] - corr_cache[n]) * attr.gradients[n]).sum((0, 1, 3)) for n in z_names
-        ]).detach().cpu()
-        resid[method] = torch.stack([
-            ((clean_cache[n] - corr_cache[n]) * attr.gradients[n]).sum((0, 2)) for n in r_names
-        ]).detach().cpu()
+        heads[method] = torch.stack([(delta[n] * attr.gradients[n]).sum((0, 1, 3)) for n in z_names]).detach().cpu()
+        resid[method] = torch.stack([(delta[n] * attr.gradients[n]).sum((0, 2)) for n in r_names]).detach().cpu()
     if true_patching:
         patched = activation_patching(model, clean_t, corr_t, metric)
     else:
