@@ -68,22 +68,18 @@ def _load(name: str, loader: str):
     return lp.models.bridge_from_folder(name)
 
 
-def _token(model_target: str, family) -> object:
-    text = model_target
-    if text.lstrip("-").isdigit():
-        return int(text)
-    return text
+def _token(text: str):
+    """``--target`` / ``--wrong``: an integer is a token id, anything else the token's text."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def explain_command(args) -> int:
     import lens_palrp as lp
-    from lens_palrp.hooks import family_for
 
     model = _load(args.model, args.loader)
-    family = family_for(model)
-    target = _token(args.target, family)
+    target = _token(args.target)
     if args.wrong is not None:
-        target = (target, _token(args.wrong, family))
+        target = (target, _token(args.wrong))
     attr = lp.explain(model, args.prompt, target, method=args.method, position=args.position)
     c = attr.conservation()
     value = float(attr.target_value[0])
