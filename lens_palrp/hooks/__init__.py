@@ -6,8 +6,10 @@ from lens_palrp.hooks.hooked_encoder import HookedEncoderFamily, is_hooked_encod
 from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily, is_hooked_transformer
 from lens_palrp.hooks.roles import HookRole, Role
 from lens_palrp.hooks.transformer_bridge import TransformerBridgeFamily, is_transformer_bridge
+from lens_palrp.hooks.vit import HookedViT, ViTFamily, is_hooked_vit
 
-__all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily", "HookedEncoderFamily", "TransformerBridgeFamily"]
+__all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily", "HookedEncoderFamily", "TransformerBridgeFamily",
+           "HookedViT", "ViTFamily"]
 
 
 def family_for(model):
@@ -18,7 +20,9 @@ def family_for(model):
         return HookedEncoderFamily(model)
     if is_transformer_bridge(model):
         return TransformerBridgeFamily(model)
+    if is_hooked_vit(model):
+        return ViTFamily(model)
     raise TypeError(
         f"lens_palrp cannot explain a {type(model).__module__}.{type(model).__name__}: "
-        "supported models are transformer_lens.HookedTransformer, HookedEncoder and TransformerBridge"
+        "supported models are transformer_lens.HookedTransformer, HookedEncoder, TransformerBridge and lens_palrp.hooks.vit.HookedViT"
     )

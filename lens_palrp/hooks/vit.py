@@ -1,0 +1,479 @@
+"""``HookedViT``: a vision transformer on TransformerLens' ``HookedRootModule`` / ``HookPoint``, and
+the family that tells the engine which of its hooks gets which rule.
+
+TransformerLens has no vision model (vit-prisma's needs a CUDA torchvision to import), so this
+module provides one with the TransformerLens hook names: ``hook_embed`` holds the token embeddings
+of every position (the [CLS] and, for distilled DeiT, [DIST] tokens followed by the patch
+embeddings), ``hook_pos_embed`` the learned position embedding, ``blocks.N.*`` exactly as in
+``HookedTransformer`` (LayerNorm ``hook_scale``, ``attn.hook_q/k/v/attn_scores/pattern/z``,
+``mlp.hook_pre/post``, residual hooks), then ``ln_final`` and the classification head on [CLS]
+(averaged with the distillation head on [DIST] for distilled DeiT). Because the block layout is
+HookedTransformer's, the family reuses its rule map unchanged; what is vision-specific is the
+input (images), the patch grid and the rule at the patch embedding (pixels).
+
+Weights load from a local transformers ViT / DeiT folder (``HookedViT.from_pretrained``) or from
+a timm-style state dict (``HookedViT.from_timm_state_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lens_palrp import rules
+from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily
+
+try:  # TransformerLens 4.x exports it at the top level; 3.x from hook_points
+    from transformer_lens import HookedRootModule
+except ImportError:  # pragma: no cover - 3.x layout
+    from transformer_lens.hook_points import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+PATCH_RULES = ("gamma", "epsilon")
+
+
+@dataclass
+class ViTConfig:
+    """Sizes of a ViT / DeiT classifier (square images and patches)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    n_channels: int = 3
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_mlp: int = 3072
+    n_classes: int = 1000
+    distillation_token: bool = False
+    eps: float = 1e-12
+    act_fn: str = "gelu"
+    model_name: str = "vit"
+    id2label: Dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.act_fn not in ("gelu", "gelu_new", "relu"):
+            raise NotImplementedError(f"act_fn {self.act_fn!r}: HookedViT supports gelu, gelu_new, relu")
+        self.id2label = {int(k): v for k, v in self.id2label.items()}
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens before the patches: [CLS], and [DIST] for distilled DeiT."""
+        return 2 if self.distillation_token else 1
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_prefix + self.grid**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class LayerNorm(nn.Module):
+    """TransformerLens' LayerNorm: the scale passes ``hook_scale`` (the LRP rule detaches it)."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w + self.b)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention with TransformerLens' weight layout and hooks."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q, self.W_K, self.W_V = (nn.Parameter(torch.zeros(h, d, dh)) for _ in range(3))
+        self.b_Q, self.b_K, self.b_V = (nn.Parameter(torch.zeros(h, dh)) for _ in range(3))
+        self.W_O = nn.Parameter(torch.zeros(h, dh, d))
+        self.b_O = nn.Parameter(torch.zeros(d))
+        self.attn_scale = math.sqrt(dh)
+        for name in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z"):
+            setattr(self, name, HookPoint())
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
+        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
+        v = self.hook_v(torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
+        scores = self.hook_attn_scores(torch.einsum("bqhe,bkhe->bhqk", q, k) / self.attn_scale)
+        pattern = self.hook_pattern(scores.softmax(-1))
+        z = self.hook_z(torch.einsum("bkhe,bhqk->bqhe", v, pattern))
+        return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.zeros(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.act_fn = _ACTIVATIONS[cfg.act_fn]
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        return self.hook_post(self.act_fn(pre)) @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    """Pre-norm block; hook names as ``HookedTransformer``'s ``TransformerBlock``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.mlp = MLP(cfg)
+        for name in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"):
+            setattr(self, name, HookPoint())
+
+    def forward(self, resid: Tensor) -> Tensor:
+        resid = self.hook_resid_pre(resid)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid))))
+        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+
+
+class HookedViT(HookedRootModule):
+    """A ViT / DeiT image classifier with TransformerLens hook points.
+
+    ``model(images)`` takes ``[batch, channels, height, width]`` float images (already normalized
+    as the source model expects) and returns class logits ``[batch, n_classes]``.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.W_patch = nn.Parameter(torch.zeros(d, cfg.n_channels, cfg.patch_size, cfg.patch_size))
+        self.b_patch = nn.Parameter(torch.zeros(d))
+        self.cls_token = nn.Parameter(torch.zeros(d))
+        self.dist_token = nn.Parameter(torch.zeros(d)) if cfg.distillation_token else None
+        self.W_pos = nn.Parameter(torch.zeros(cfg.n_ctx, d))
+        self.hook_patch_embed = HookPoint()  # the patch embeddings alone (observed)
+        self.hook_embed = HookPoint()  # [CLS] ([DIST]) and patch embeddings: the semantic sink
+        self.hook_pos_embed = HookPoint()  # learned position embedding: the positional sink
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(d, cfg.eps)
+        self.W_head = nn.Parameter(torch.zeros(d, cfg.n_classes))
+        self.b_head = nn.Parameter(torch.zeros(cfg.n_classes))
+        if cfg.distillation_token:
+            self.W_head_dist = nn.Parameter(torch.zeros(d, cfg.n_classes))
+            self.b_head_dist = nn.Parameter(torch.zeros(cfg.n_classes))
+        self.setup()
+
+    # ------------------------------------------------------------------ forward
+    def patchify(self, images: Tensor) -> Tensor:
+        """``[batch, patches, channels * patch * patch]`` in the patch-embedding weight's order."""
+        p = self.cfg.patch_size
+        patches = F.unfold(images, kernel_size=p, stride=p)  # [b, C*p*p, P], rows scanned like the conv
+        return patches.transpose(1, 2)
+
+    def forward(self, images: Tensor) -> Tensor:
+        check_images(self.cfg, images, self.W_patch.dtype)
+        b = images.shape[0]
+        patches = F.conv2d(images, self.W_patch, self.b_patch, stride=self.cfg.patch_size)
+        patches = self.hook_patch_embed(patches.flatten(2).transpose(1, 2))
+        prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
+        prefix = torch.stack(prefix)[None].expand(b, -1, -1)
+        embed = self.hook_embed(torch.cat([prefix, patches], 1))
+        pos = self.hook_pos_embed(self.W_pos[None].repeat(b, 1, 1))
+        resid = embed + pos
+        for block in self.blocks:
+            resid = block(resid)
+        resid = self.ln_final(resid)
+        logits = resid[:, 0] @ self.W_head + self.b_head
+        if self.cfg.distillation_token:
+            logits = (logits + resid[:, 1] @ self.W_head_dist + self.b_head_dist) / 2
+        return logits
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, local_dir: str, dtype: torch.dtype = torch.float32) -> "HookedViT":
+        """Load a local transformers ``ViTForImageClassification`` / ``DeiTForImageClassification``
+        (``...WithTeacher`` for distilled DeiT) folder. No network: the folder must exist."""
+        import os
+
+        from transformers import AutoModelForImageClassification
+
+        if not os.path.isdir(local_dir):
+            raise FileNotFoundError(f"{local_dir!r} is not a folder (HookedViT loads local folders only)")
+        hf = AutoModelForImageClassification.from_pretrained(local_dir, local_files_only=True)
+        return cls.from_hf(hf, dtype=dtype)
+
+    @classmethod
+    def from_hf(cls, hf, dtype: torch.dtype = torch.float32) -> "HookedViT":
+        """Convert an in-memory transformers ViT / DeiT image classifier."""
+        c = hf.config
+        if c.model_type not in ("vit", "deit"):
+            raise NotImplementedError(f"HookedViT converts ViT and DeiT classifiers, not model_type={c.model_type!r}")
+        state = {k: v for k, v in hf.state_dict().items()}
+        prefix = hf.base_model_prefix + "."
+        distilled = prefix + "embeddings.distillation_token" in state
+        if distilled and "distillation_classifier.weight" not in state:
+            raise NotImplementedError("a DeiT with a distillation token needs DeiTForImageClassificationWithTeacher")
+        image_size = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
+        patch_size = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+        cfg = ViTConfig(image_size=image_size, patch_size=patch_size, n_channels=c.num_channels,
+                        d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                        d_mlp=c.intermediate_size, n_classes=c.num_labels, distillation_token=distilled,
+                        eps=c.layer_norm_eps, act_fn=c.hidden_act,
+                        model_name=getattr(c, "_name_or_path", "") or c.model_type, id2label=dict(c.id2label or {}))
+        e = prefix + "embeddings."
+        sd = {"W_patch": state[e + "patch_embeddings.projection.weight"],
+              "b_patch": state[e + "patch_embeddings.projection.bias"],
+              "cls_token": state[e + "cls_token"].reshape(-1),
+              "W_pos": state[e + "position_embeddings"].reshape(cfg.n_ctx, -1)}
+        if distilled:
+            sd["dist_token"] = state[e + "distillation_token"].reshape(-1)
+        for i in range(cfg.n_layers):
+            layer = _hf_layer_keys(state, prefix, i)
+            pair = lambda name: (state[layer[name] + ".weight"], state.get(layer[name] + ".bias"))  # noqa: E731
+            _put_block(sd, i, cfg, q=pair("q"), k=pair("k"), v=pair("v"), o=pair("o"), ln1=pair("ln1"),
+                       ln2=pair("ln2"), fc1=pair("fc1"), fc2=pair("fc2"))
+        sd["ln_final.w"], sd["ln_final.b"] = state[prefix + "layernorm.weight"], state[prefix + "layernorm.bias"]
+        head = "cls_classifier" if distilled else "classifier"
+        sd["W_head"], sd["b_head"] = state[head + ".weight"].T, state[head + ".bias"]
+        if distilled:
+            sd["W_head_dist"] = state["distillation_classifier.weight"].T
+            sd["b_head_dist"] = state["distillation_classifier.bias"]
+        return cls._from_state(cfg, sd, dtype)
+
+    @classmethod
+    def from_timm_state_dict(cls, state_dict: Dict[str, Tensor], n_heads: int, eps: float = 1e-6,
+                             act_fn: str = "gelu", model_name: str = "timm-vit",
+                             dtype: torch.dtype = torch.float32) -> "HookedViT":
+        """Convert a timm ``VisionTransformer`` / distilled DeiT state dict (``patch_embed.proj``,
+        ``cls_token``, ``dist_token``, ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,
+        mlp.fc1,mlp.fc2}``, ``norm``, ``head``, ``head_dist``). ``n_heads`` is not in the weights."""
+        sd_in = dict(state_dict)
+        known = ("patch_embed.proj.", "cls_token", "dist_token", "pos_embed", "blocks.", "norm.", "head.", "head_dist.")
+        unknown = sorted(k for k in sd_in if not k.startswith(known))
+        if unknown:
+            raise NotImplementedError(f"timm state dict has keys HookedViT does not convert: {unknown[:5]}")
+        proj = sd_in["patch_embed.proj.weight"]
+        d, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+        distilled = "dist_token" in sd_in
+        n_ctx = sd_in["pos_embed"].shape[1]
+        grid = math.isqrt(n_ctx - (2 if distilled else 1))
+        n_layers = 1 + max(int(k.split(".")[1]) for k in sd_in if k.startswith("blocks."))
+        head = sd_in["head.weight"]
+        cfg = ViTConfig(image_size=grid * patch, patch_size=patch, n_channels=channels, d_model=d,
+                        n_layers=n_layers, n_heads=n_heads, d_mlp=sd_in["blocks.0.mlp.fc1.weight"].shape[0],
+                        n_classes=head.shape[0], distillation_token=distilled, eps=eps, act_fn=act_fn,
+                        model_name=model_name)
+        if cfg.n_ctx != n_ctx:
+            raise ValueError(f"pos_embed has {n_ctx} positions, expected {cfg.n_ctx} for a {grid}x{grid} grid")
+        sd = {"W_patch": proj, "b_patch": sd_in["patch_embed.proj.bias"], "cls_token": sd_in["cls_token"].reshape(-1),
+              "W_pos": sd_in["pos_embed"].reshape(n_ctx, d)}
+        if distilled:
+            sd["dist_token"] = sd_in["dist_token"].reshape(-1)
+        for i in range(n_layers):
+            b = f"blocks.{i}."
+            qkv_w, qkv_b = sd_in[b + "attn.qkv.weight"], sd_in.get(b + "attn.qkv.bias", torch.zeros(3 * d))
+            _put_block(sd, i, cfg, q=(qkv_w[:d], qkv_b[:d]), k=(qkv_w[d : 2 * d], qkv_b[d : 2 * d]),
+                       v=(qkv_w[2 * d :], qkv_b[2 * d :]),
+                       o=(sd_in[b + "attn.proj.weight"], sd_in[b + "attn.proj.bias"]),
+                       ln1=(sd_in[b + "norm1.weight"], sd_in[b + "norm1.bias"]),
+                       ln2=(sd_in[b + "norm2.weight"], sd_in[b + "norm2.bias"]),
+                       fc1=(sd_in[b + "mlp.fc1.weight"], sd_in[b + "mlp.fc1.bias"]),
+                       fc2=(sd_in[b + "mlp.fc2.weight"], sd_in[b + "mlp.fc2.bias"]))
+        sd["ln_final.w"], sd["ln_final.b"] = sd_in["norm.weight"], sd_in["norm.bias"]
+        sd["W_head"], sd["b_head"] = head.T, sd_in["head.bias"]
+        if distilled:
+            sd["W_head_dist"], sd["b_head_dist"] = sd_in["head_dist.weight"].T, sd_in["head_dist.bias"]
+        return cls._from_state(cfg, sd, dtype)
+
+    @classmethod
+    def _from_state(cls, cfg: ViTConfig, sd: Dict[str, Tensor], dtype: torch.dtype) -> "HookedViT":
+        model = cls(cfg)
+        model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+        return model.to(dtype).eval()
+
+
+# transformers 5.x names first, then the 4.x ones (checkpoints on disk may still use them)
+_HF_LAYER_NAMES = {
+    "q": ("attention.q_proj", "attention.attention.query"),
+    "k": ("attention.k_proj", "attention.attention.key"),
+    "v": ("attention.v_proj", "attention.attention.value"),
+    "o": ("attention.o_proj", "attention.output.dense"),
+    "ln1": ("layernorm_before",), "ln2": ("layernorm_after",),
+    "fc1": ("mlp.fc1", "intermediate.dense"), "fc2": ("mlp.fc2", "output.dense"),
+}
+
+
+def _hf_layer_keys(state: Dict[str, Tensor], prefix: str, i: int) -> Dict[str, str]:
+    """The module path of each part of HF layer ``i``, in whichever naming the weights use."""
+    out = {}
+    for part, names in _HF_LAYER_NAMES.items():
+        for layer_prefix in (f"{prefix}layers.{i}.", f"{prefix}encoder.layer.{i}."):
+            hit = next((layer_prefix + n for n in names if layer_prefix + n + ".weight" in state), None)
+            if hit:
+                out[part] = hit
+                break
+        else:
+            raise NotImplementedError(f"HF ViT layer {i}: no weights for {part} ({' / '.join(names)})")
+    return out
+
+
+def _put_block(sd: Dict[str, Tensor], i: int, cfg: ViTConfig, q, k, v, o, ln1, ln2, fc1, fc2) -> None:
+    """Write one block from ``nn.Linear``-layout weights ``[out, in]`` into HookedViT's layout."""
+    h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+    p = f"blocks.{i}."
+    for name, (w, b) in (("Q", q), ("K", k), ("V", v)):
+        sd[p + f"attn.W_{name}"] = w.T.reshape(d, h, dh).permute(1, 0, 2)
+        sd[p + f"attn.b_{name}"] = (b if b is not None else torch.zeros(d)).reshape(h, dh)
+    sd[p + "attn.W_O"], sd[p + "attn.b_O"] = o[0].T.reshape(h, dh, d), o[1]
+    sd[p + "ln1.w"], sd[p + "ln1.b"] = ln1
+    sd[p + "ln2.w"], sd[p + "ln2.b"] = ln2
+    sd[p + "mlp.W_in"], sd[p + "mlp.b_in"] = fc1[0].T, fc1[1]
+    sd[p + "mlp.W_out"], sd[p + "mlp.b_out"] = fc2[0].T, fc2[1]
+
+
+def check_images(cfg, images, dtype: Optional[torch.dtype] = None) -> None:
+    """Raise a clear error for images the model cannot take."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a float tensor [batch, channels, height, width], got {type(images).__name__}")
+    if not images.dtype.is_floating_point:
+        raise TypeError(f"images must be floating point (normalized as the model expects), got dtype {images.dtype}; "
+                        "convert e.g. uint8 pixels with (x / 255 - mean) / std")
+    if images.ndim != 4:
+        raise ValueError(f"images must be [batch, channels, height, width], got shape {tuple(images.shape)}")
+    if images.shape[1] != cfg.n_channels:
+        raise ValueError(f"images have {images.shape[1]} channels, the model takes {cfg.n_channels}")
+    if tuple(images.shape[2:]) != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"images are {tuple(images.shape[2:])} pixels, the model takes "
+                         f"({cfg.image_size}, {cfg.image_size}); resize them first")
+    if dtype is not None and images.dtype != dtype:
+        raise TypeError(f"images are {images.dtype}, the model's weights {dtype}: convert with images.to({dtype})")
+
+
+# ---------------------------------------------------------------------------------------- family
+VIT_HOOKS = ("hook_embed", "hook_pos_embed", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z",
+             "blocks.0.mlp.hook_post", "blocks.0.ln1.hook_scale")
+
+
+def is_hooked_vit(model) -> bool:
+    """HookedViT, or a duck-typed vision model (e.g. vit-prisma's) with the same hook layout."""
+    if isinstance(model, HookedViT):
+        return True
+    cfg = getattr(model, "cfg", None)
+    hooks = getattr(model, "hook_dict", None)
+    return cfg is not None and hooks is not None and hasattr(cfg, "patch_size") and all(h in hooks for h in VIT_HOOKS)
+
+
+class ViTFamily(HookedTransformerFamily):
+    """Adapter between the engine and a ``HookedViT``: HookedTransformer's rule map on the blocks,
+    images in, class logits out, patch-grid and pixel maps on top."""
+
+    name = "HookedViT"
+    ungroups_kv = False
+    rebuild_attention = False
+    causal = False
+    logits_supported = True
+    vision = True
+
+    def __init__(self, model):  # noqa: super().__init__ reads a HookedTransformerConfig; set the facts here
+        self.model = model
+        cfg = self.cfg = model.cfg
+        if not isinstance(model, HookedViT):
+            missing = [h for h in VIT_HOOKS if h not in model.hook_dict]
+            if missing:
+                raise NotImplementedError(f"vision model without the HookedViT hook layout: missing {missing}")
+        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.d_head = cfg.d_model // cfg.n_heads
+        self.n_ctx = cfg.n_ctx if hasattr(cfg, "n_ctx") else (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.d_vocab_out = cfg.n_classes
+        self.pe_type = "standard"
+        self.rotary_dim, self.rotary_adjacent_pairs, self.n_kv_heads = None, False, None
+        self.gated_mlp = self.activation_has_norm = self.attn_only = False
+        self.attn_softcap = self.output_softcap = None
+        self.n_prefix = getattr(cfg, "n_prefix", 1)
+        self.grid = cfg.image_size // cfg.patch_size
+
+    def check_supported(self) -> None:  # the layout is checked in __init__
+        pass
+
+    def attention_sinks(self, layer: int):
+        return None
+
+    @contextmanager
+    def prepared(self):
+        yield
+
+    def forward(self, images: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            return self.model(images)
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def tokenizer(self):
+        return None
+
+    def to_single_token(self, text: str) -> int:
+        labels = {v: k for k, v in getattr(self.cfg, "id2label", {}).items()}
+        if text not in labels:
+            raise ValueError(f"no class named {text!r}; classes: {sorted(labels)[:10]}")
+        return int(labels[text])
+
+    def position_names(self) -> List[str]:
+        prefix = ["[CLS]", "[DIST]"][: self.n_prefix]
+        return prefix + [f"r{r}c{c}" for r in range(self.grid) for c in range(self.grid)]
+
+    def prepare_inputs(self, images, device) -> Tuple[Tensor, Tensor, List[List[str]]]:
+        """Images checked and moved; position ids standing in for tokens; position names."""
+        dtype = next(self.model.parameters()).dtype
+        if isinstance(images, Tensor) and images.ndim == 3:
+            images = images[None]
+        check_images(self.cfg, images)
+        if images.dtype != dtype:  # float precision differs: harmless to convert
+            images = images.to(dtype)
+        images = images.to(device)
+        positions = torch.arange(self.n_ctx, device=device)[None].expand(images.shape[0], -1).clone()
+        return images, positions, [self.position_names() for _ in range(images.shape[0])]
+
+    # ------------------------------------------------------------------ pixels
+    def pixel_relevance(self, images: Tensor, patch_relevance: Tensor, rule: str, gamma: float) -> Tensor:
+        """Relevance ``[batch, height, width]`` of the pixels (summed over channels), by ``rule``
+        on the patch embedding, from the relevance of its outputs ``[batch, patches, d_model]``."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)
+        weight = self.model.W_patch.reshape(cfg.d_model, -1)
+        r = rules.linear_gamma_relevance(patches, weight, self.model.b_patch, patch_relevance,
+                                         gamma=gamma if rule == "gamma" else 0.0)
+        pixels = F.fold(r.transpose(1, 2), output_size=(cfg.image_size, cfg.image_size), kernel_size=p, stride=p)
+        return pixels.sum(1)

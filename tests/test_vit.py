@@ -1,0 +1,270 @@
+"""HookedViT: loading (HF ViT / DeiT folders, timm state dicts) against the source models, the
+rules on a ViT (conservation, the patch rule against a slow closed form), errors, and the vision
+metrics on hand-made cases."""
+
+import math
+
+import pytest
+import torch
+
+import lens_palrp as lp
+from lens_palrp import rules
+from lens_palrp.analyses import vision
+from lens_palrp.hooks.vit import HookedViT, ViTFamily
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, num_labels=5)
+
+
+def _randomize(model, seed=0):
+    """HF initializes biases, LayerNorms and (DeiT) position embeddings to constants: make every
+    parameter random so that loading mistakes cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_vit():
+    cfg = transformers.ViTConfig(**TINY)
+    return _randomize(transformers.ViTForImageClassification(cfg)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_deit():
+    cfg = transformers.DeiTConfig(**TINY)
+    return _randomize(transformers.DeiTForImageClassificationWithTeacher(cfg), seed=1).eval()
+
+
+def _images(n=3, seed=0, dtype=torch.float32):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("which", ["hf_vit", "hf_deit"])
+def test_folder_load_matches_source_logits(which, request, tmp_path):
+    hf = request.getfixturevalue(which)
+    hf.save_pretrained(tmp_path)
+    vit = HookedViT.from_pretrained(str(tmp_path))
+    x = _images()
+    with torch.no_grad():
+        expected = hf(pixel_values=x).logits
+        got = vit(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert vit.cfg.distillation_token == (which == "hf_deit")
+    assert vit.cfg.n_prefix == (2 if which == "hf_deit" else 1)
+
+
+def _timm_forward(sd, x, n_heads, eps=1e-6, distilled=False):
+    """An independent timm-layout ViT forward written directly on the state dict."""
+    F = torch.nn.functional
+    w = sd["patch_embed.proj.weight"]
+    t = F.conv2d(x, w, sd["patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    prefix = [sd["cls_token"]] + ([sd["dist_token"]] if distilled else [])
+    t = torch.cat([p.expand(x.shape[0], -1, -1) for p in prefix] + [t], 1) + sd["pos_embed"]
+    d = t.shape[-1]
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(n_layers):
+        b = f"blocks.{i}."
+        h = F.layer_norm(t, (d,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], eps)
+        qkv = F.linear(h, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"])
+        qkv = qkv.reshape(x.shape[0], -1, 3, n_heads, d // n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        t = t + F.linear(a.transpose(1, 2).reshape(x.shape[0], -1, d), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
+        h = F.layer_norm(t, (d,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], eps)
+        t = t + F.linear(F.gelu(F.linear(h, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])),
+                         sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
+    t = F.layer_norm(t, (d,), sd["norm.weight"], sd["norm.bias"], eps)
+    logits = F.linear(t[:, 0], sd["head.weight"], sd["head.bias"])
+    if distilled:
+        logits = (logits + F.linear(t[:, 1], sd["head_dist.weight"], sd["head_dist.bias"])) / 2
+    return logits
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_timm_state_dict_matches_an_independent_forward(distilled):
+    g = torch.Generator().manual_seed(3)
+    d, layers, patch, grid, classes = 24, 2, 4, 4, 7
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    sd = {"patch_embed.proj.weight": r(d, 3, patch, patch), "patch_embed.proj.bias": r(d),
+          "cls_token": r(1, 1, d), "pos_embed": r(1, grid * grid + 1 + distilled, d),
+          "norm.weight": 1 + r(d), "norm.bias": r(d), "head.weight": r(classes, d), "head.bias": r(classes)}
+    if distilled:
+        sd.update({"dist_token": r(1, 1, d), "head_dist.weight": r(classes, d), "head_dist.bias": r(classes)})
+    for i in range(layers):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": 1 + r(d), b + "norm1.bias": r(d), b + "attn.qkv.weight": r(3 * d, d),
+                   b + "attn.qkv.bias": r(3 * d), b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d),
+                   b + "norm2.weight": 1 + r(d), b + "norm2.bias": r(d), b + "mlp.fc1.weight": r(4 * d, d),
+                   b + "mlp.fc1.bias": r(4 * d), b + "mlp.fc2.weight": r(d, 4 * d), b + "mlp.fc2.bias": r(d)})
+    vit = HookedViT.from_timm_state_dict(sd, n_heads=3)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), _timm_forward(sd, x, 3, distilled=distilled), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="fc_norm"):
+        HookedViT.from_timm_state_dict({**sd, "fc_norm.weight": r(d)}, n_heads=3)
+
+
+def test_hook_names_follow_transformer_lens():
+    vit = HookedViT.from_hf(transformers.ViTForImageClassification(transformers.ViTConfig(**TINY)))
+    names = set(vit.hook_dict)
+    for name in ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern",
+                 "blocks.1.attn.hook_z", "blocks.0.mlp.hook_post", "blocks.0.ln1.hook_scale", "ln_final.hook_scale",
+                 "blocks.1.hook_resid_post"):
+        assert name in names
+    _, cache = vit.run_with_cache(_images(1))
+    assert cache["hook_embed"].shape == (1, 17, 32) and cache["blocks.0.attn.hook_pattern"].shape == (1, 4, 17, 17)
+
+
+@pytest.mark.parametrize("which", ["hf_vit", "hf_deit"])
+@pytest.mark.parametrize("method", ["pa_lrp", "attn_lrp", "cp_lrp"])
+def test_conservation_float64(which, method, request):
+    vit = HookedViT.from_hf(request.getfixturevalue(which), dtype=torch.float64)
+    with torch.no_grad():  # zero the biases: then every LRP rule conserves exactly
+        for name, p in vit.named_parameters():
+            if name.split(".")[-1].startswith("b") or name.endswith("b_patch"):
+                p.zero_()
+    attr = lp.explain(vit, _images(dtype=torch.float64), torch.tensor([0, 3, 4]), method=method)
+    c = attr.conservation()
+    explained = c.semantic + c.positional_input + c.positional + c.positional_leak + c.softmax_absorbed
+    torch.testing.assert_close(explained, c.target_value, rtol=1e-9, atol=1e-10)
+    if method == "pa_lrp":  # learned 2D PE is an input sink: it carries relevance, nothing leaks
+        assert float(c.positional_input.abs().min()) > 0
+        assert float(c.positional_leak.abs().max()) == 0
+    else:
+        assert float(c.positional_input.abs().max()) == 0 and float(c.positional_leak.abs().min()) > 0
+    # the pixel map under epsilon (no bias) carries exactly the patches' semantic relevance
+    eps_attr = lp.explain(vit, _images(dtype=torch.float64), torch.tensor([0, 3, 4]), method=method,
+                          patch_rule="epsilon")
+    torch.testing.assert_close(eps_attr.pixels.sum((1, 2)), eps_attr.semantic[:, vit.cfg.n_prefix:].sum(-1),
+                               rtol=1e-7, atol=1e-9)
+
+
+def test_grad_x_input_equals_autograd(hf_vit):
+    vit = HookedViT.from_hf(hf_vit, dtype=torch.float64)
+    x = _images(dtype=torch.float64)
+    attr = lp.explain(vit, x, 2, method="grad_x_input")
+    # reference: gradient x input of the token and position embeddings with plain autograd
+    store = {}
+
+    def leaf(act, hook):
+        store[hook.name] = act.detach().requires_grad_(True)
+        return store[hook.name]
+
+    logits = vit.run_with_hooks(x, fwd_hooks=[("hook_embed", leaf), ("hook_pos_embed", leaf)])
+    logits[:, 2].sum().backward()
+    semantic = (store["hook_embed"] * store["hook_embed"].grad).sum(-1)
+    torch.testing.assert_close(attr.semantic, semantic, rtol=1e-10, atol=1e-12)
+    pos = (store["hook_pos_embed"] * store["hook_pos_embed"].grad).sum(-1)
+    torch.testing.assert_close(attr.positional_leak_input, pos.sum(-1), rtol=1e-10, atol=1e-12)
+
+
+def _gamma_reference(x, w, b, r, gamma, eps):
+    """Slow closed form: explicit contributions c_ij = x_i w_ji, enhanced where positive."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(w.shape[0]):
+            c = x[n] * w[j]
+            c = c + gamma * c.clamp(min=0)
+            z = c.sum() + b[j] + gamma * b[j].clamp(min=0)
+            z = z + eps * (1 if z >= 0 else -1)
+            out[n] += c / z * r[n, j]
+    return out
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 1.0])
+def test_patch_rule_against_closed_form(gamma):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(7, 12, generator=g, dtype=torch.float64),
+               torch.randn(7, generator=g, dtype=torch.float64))
+    r = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    got = rules.linear_gamma_relevance(x, w, b, r, gamma=gamma, eps=1e-9)
+    torch.testing.assert_close(got, _gamma_reference(x, w, b, r, gamma, 1e-9), rtol=1e-10, atol=1e-12)
+    # without bias the rule conserves per output
+    no_bias = rules.linear_gamma_relevance(x, w, None, r, gamma=gamma, eps=0.0)
+    torch.testing.assert_close(no_bias.sum(-1), r.sum(-1), rtol=1e-10, atol=1e-12)
+
+
+def test_patch_and_pixel_maps(hf_deit):
+    vit = HookedViT.from_hf(hf_deit)
+    attr = lp.explain(vit, _images(2), 1)
+    assert attr.str_tokens[0][:3] == ["[CLS]", "[DIST]", "r0c0"]
+    for which in ("semantic", "positional", "combined", "pe_only"):
+        grid = attr.patch_map(which)
+        assert grid.shape == (2, 4, 4)
+    # the grid leaves the prefix tokens out and keeps row-major patch order
+    torch.testing.assert_close(attr.patch_map("semantic")[:, 1, 2], attr.semantic[:, 2 + 1 * 4 + 2])
+    assert attr.pixel_map().shape == (2, 16, 16) and attr.pixel_map("pixels").shape == (2, 16, 16)
+    near = attr.pixel_map("semantic", mode="nearest")
+    torch.testing.assert_close(near[:, 4:8, 8:12], attr.patch_map("semantic")[:, 1:2, 2:3].expand(-1, 4, 4))
+    with pytest.raises(ValueError, match="vision"):
+        lp.explain(lp.zoo.load("rope-repeat")[0], torch.tensor([[1, 2, 3]]), 2).patch_map()
+
+
+def test_bad_images_and_options_raise(hf_vit):
+    vit = HookedViT.from_hf(hf_vit)
+    with pytest.raises(ValueError, match="channels"):
+        lp.explain(vit, torch.randn(1, 1, 16, 16), 0)
+    with pytest.raises(ValueError, match="pixels"):
+        lp.explain(vit, torch.randn(1, 3, 32, 32), 0)
+    with pytest.raises(TypeError, match="floating point"):
+        lp.explain(vit, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 0)
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        lp.explain(vit, _images(1), 5)
+    with pytest.raises(ValueError, match="patch_rule"):
+        lp.explain(vit, _images(1), 0, patch_rule="alpha")
+    with pytest.raises(ValueError, match="vision"):
+        lp.explain(lp.zoo.load("rope-repeat")[0], torch.tensor([[1, 2, 3]]), 2, patch_rule="gamma")
+    with pytest.raises(FileNotFoundError):
+        HookedViT.from_pretrained("/nonexistent/vit")
+    # the model is left as it was, even after errors
+    assert all(p.requires_grad for p in vit.parameters())
+    assert not any(hp._forward_hooks for hp in vit.hook_dict.values())
+
+
+def test_duck_typed_vision_models_need_the_layout(hf_vit):
+    """A vit-prisma-like model (another class) is accepted by its hook names; missing ones are named."""
+    vit = HookedViT.from_hf(hf_vit)
+
+    class Other(torch.nn.Module):
+        pass
+
+    other = Other()
+    other.cfg, other.hook_dict = vit.cfg, {k: v for k, v in vit.hook_dict.items() if k != "hook_pos_embed"}
+    with pytest.raises(TypeError, match="cannot explain"):
+        lp.explain(other, _images(1), 0)
+
+
+def test_segmentation_and_perturbation_metrics_on_known_cases():
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    perfect = masks.double()
+    s = vision.segmentation_scores(perfect, masks)
+    assert float(s["pixel_accuracy"]) == 1 and float(s["miou"]) == 1 and float(s["ap"]) == 1
+    inverted = vision.segmentation_scores(1 - perfect, masks)
+    assert float(inverted["pixel_accuracy"]) == 0 and float(inverted["miou"]) == 0
+    # AP of a ranking [pos, neg, pos]: (1/1 + 2/3) / 2
+    ap = vision.average_precision(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, False, True]))
+    assert math.isclose(float(ap), (1 + 2 / 3) / 2)
+    removed = vision.removal_masks(torch.arange(16.0).reshape(1, 4, 4), 0.25, most_relevant_first=True)
+    assert removed.sum() == 4 and bool(removed[0, 3].all())
+
+
+def test_perturbation_test_runs_and_orders(hf_vit):
+    vit = HookedViT.from_hf(hf_vit)
+    x = _images(4)
+    labels = vit(x).argmax(-1)
+    maps = vision.vision_maps(vit, x, labels, methods=("random", "attn_lrp", "pa_lrp"))
+    assert all(m.shape == (4, 16, 16) for m in maps.values())
+    result = vision.vision_perturbation_test(vit, x, labels, maps)
+    for method in maps:
+        acc = result.curves[method]["positive"]["accuracy"]
+        assert torch.equal(acc[:, 0], torch.ones(4, dtype=torch.float64))  # f = 0: the model's own prediction
+    metrics = result.metrics()
+    assert set(metrics["pa_lrp"]) == {"positive_accuracy_auc", "negative_accuracy_auc", "positive_prob_auc",
+                                      "negative_prob_auc"}
+    fig = vision.overlay_figure(x[0], {m: v[0] for m, v in maps.items()})
+    assert len(fig.data) == 1 + 2 * len(maps)
