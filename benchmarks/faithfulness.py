@@ -1,8 +1,9 @@
 """Faithfulness of every method, written to ``benchmarks/results/faithfulness.md``.
 
-    python benchmarks/faithfulness.py                   # everything (about 90 min on 2 CPU cores)
+    python benchmarks/faithfulness.py                   # everything (about 70 min on one CPU core)
     python benchmarks/faithfulness.py --quick           # zoo + MiniLM subset, about a minute (CI)
     python benchmarks/faithfulness.py --sections gemma  # one section; the others are re-read
+    python benchmarks/faithfulness.py --render-only     # rebuild the table from the saved sections
 
 Sections:
 * ``zoo``: the three shipped zoo models (RoPE / learned PE / ALiBi): perturbation and ground truth;
@@ -177,8 +178,22 @@ def render(models: dict, seed: int, command: str, reading: str) -> list:
                 mean, low, high = fa.bootstrap_mean(values[key], seed=seed)
                 cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", paired_line(entry["metrics"], columns, seed), ""]
     return lines
+
+
+def paired_line(metrics: dict, columns, seed: int, a: str = "pa_lrp", b: str = "attn_lrp") -> str:
+    """PA-LRP minus AttnLRP per sample (same inputs), mean with a bootstrap interval, and relative."""
+    if a not in metrics or b not in metrics:
+        return ""
+    cells = []
+    for key, label in columns:
+        diff = metrics[a][key] - metrics[b][key]
+        mean, low, high = fa.bootstrap_mean(diff, seed=seed)
+        base = float(metrics[b][key].mean())
+        rel = f", {100 * mean / abs(base):+.1f}%" if base else ""
+        cells.append(f"{label} {mean:+.3f} [{low:+.3f}, {high:+.3f}]{rel}")
+    return f"Paired, {a} minus {b} on the same samples: " + "; ".join(cells) + "."
 
 
 def main() -> None:
@@ -192,9 +207,11 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "faithfulness.md"))
     parser.add_argument("--reading", default=os.path.join(HERE, "results", "faithfulness_reading.md"),
                         help="a hand-written paragraph placed above the tables (full run only)")
+    parser.add_argument("--render-only", action="store_true", help="rebuild the table from the saved sections")
     args = parser.parse_args()
     QUIET = args.quick
     run = args.sections.split(",") if args.sections else (["zoo", "minilm"] if args.quick else list(SECTIONS))
+    run = [] if args.render_only else run
     unknown = set(run) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")

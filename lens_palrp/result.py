@@ -220,6 +220,8 @@ class Attribution:
         """
         v = self._require_vision()
         if which == "pixels":
+            if self.pixels is None:
+                raise ValueError("no pixel relevance: the model's patch-embedding weights are unknown")
             return self.pixels
         grid = self.patch_map(which, aggregation)[:, None]
         size = tuple(int(s) for s in v["image_size"])

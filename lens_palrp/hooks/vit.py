@@ -469,7 +469,10 @@ class ViTFamily(HookedTransformerFamily):
     # ------------------------------------------------------------------ pixels
     def pixel_relevance(self, images: Tensor, patch_relevance: Tensor, rule: str, gamma: float) -> Tensor:
         """Relevance ``[batch, height, width]`` of the pixels (summed over channels), by ``rule``
-        on the patch embedding, from the relevance of its outputs ``[batch, patches, d_model]``."""
+        on the patch embedding, from the relevance of its outputs ``[batch, patches, d_model]``;
+        None for a duck-typed model without ``W_patch`` / ``b_patch``."""
+        if not hasattr(self.model, "W_patch"):  # duck-typed models: their patch weights are unknown
+            return None
         cfg, p = self.cfg, self.cfg.patch_size
         patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)
         weight = self.model.W_patch.reshape(cfg.d_model, -1)

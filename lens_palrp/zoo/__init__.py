@@ -126,3 +126,6 @@ def task(name: str):
 def training_record(name: str) -> dict:
     with open(os.path.join(WEIGHTS_DIR, f"{_check(name)}.json")) as f:
         return json.load(f)
+
+
+from lens_palrp.zoo import shapes  # noqa: E402  (the shapes ViT; imports WEIGHTS_DIR from here)
