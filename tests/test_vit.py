@@ -37,6 +37,12 @@ def hf_vit():
 
 
 @pytest.fixture(scope="module")
+def hf_deit_cls_head():
+    cfg = transformers.DeiTConfig(**TINY)
+    return _randomize(transformers.DeiTForImageClassification(cfg), seed=2).eval()
+
+
+@pytest.fixture(scope="module")
 def hf_deit():
     cfg = transformers.DeiTConfig(**TINY)
     return _randomize(transformers.DeiTForImageClassificationWithTeacher(cfg), seed=1).eval()
@@ -46,7 +52,7 @@ def _images(n=3, seed=0, dtype=torch.float32):
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@pytest.mark.parametrize("which", ["hf_vit", "hf_deit"])
+@pytest.mark.parametrize("which", ["hf_vit", "hf_deit", "hf_deit_cls_head"])
 def test_folder_load_matches_source_logits(which, request, tmp_path):
     hf = request.getfixturevalue(which)
     hf.save_pretrained(tmp_path)
@@ -56,8 +62,9 @@ def test_folder_load_matches_source_logits(which, request, tmp_path):
         expected = hf(pixel_values=x).logits
         got = vit(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert vit.cfg.distillation_token == (which == "hf_deit")
-    assert vit.cfg.n_prefix == (2 if which == "hf_deit" else 1)
+    assert vit.cfg.distillation_token == (which != "hf_vit")
+    assert vit.cfg.distillation_head == (which == "hf_deit")
+    assert vit.cfg.n_prefix == (1 if which == "hf_vit" else 2)
 
 
 def _timm_forward(sd, x, n_heads, eps=1e-6, distilled=False):
@@ -221,6 +228,35 @@ def test_bad_images_and_options_raise(hf_vit):
     # the model is left as it was, even after errors
     assert all(p.requires_grad for p in vit.parameters())
     assert not any(hp._forward_hooks for hp in vit.hook_dict.values())
+
+
+def test_duck_typed_vision_model_with_the_layout_is_explained(hf_vit):
+    """Another HookedRootModule (not HookedViT) with the same hook names and config fields, as a
+    vit-prisma model would be, gets the same attribution."""
+    from lens_palrp.hooks.vit import HookedRootModule
+
+    vit = HookedViT.from_hf(hf_vit, dtype=torch.float64)
+
+    class PrismaLike(HookedRootModule):
+        def __init__(self, source):
+            super().__init__()
+            for name, child in source.named_children():
+                self.add_module(name, child)
+            for name, param in source.named_parameters(recurse=False):
+                self.register_parameter(name, param)
+            self.dist_token = None
+            self.cfg = source.cfg
+            self.setup()
+
+        def forward(self, images):
+            return HookedViT.forward(self, images)
+
+    other = PrismaLike(vit)
+    assert not isinstance(other, HookedViT)
+    x = _images(2, dtype=torch.float64)
+    a, b = lp.explain(other, x, 1), lp.explain(vit, x, 1)
+    for name in ("semantic", "positional_input", "heads", "pixels"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-14)
 
 
 def test_duck_typed_vision_models_need_the_layout(hf_vit):

@@ -50,7 +50,8 @@ class ViTConfig:
     n_heads: int = 12
     d_mlp: int = 3072
     n_classes: int = 1000
-    distillation_token: bool = False
+    distillation_token: bool = False  # DeiT's [DIST] token after [CLS]
+    distillation_head: bool = False  # logits = mean of the [CLS] and [DIST] heads (distilled DeiT)
     eps: float = 1e-12
     act_fn: str = "gelu"
     model_name: str = "vit"
@@ -61,6 +62,8 @@ class ViTConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.distillation_head and not self.distillation_token:
+            raise ValueError("distillation_head needs distillation_token")
         if self.act_fn not in ("gelu", "gelu_new", "relu"):
             raise NotImplementedError(f"act_fn {self.act_fn!r}: HookedViT supports gelu, gelu_new, relu")
         self.id2label = {int(k): v for k, v in self.id2label.items()}
@@ -191,7 +194,7 @@ class HookedViT(HookedRootModule):
         self.ln_final = LayerNorm(d, cfg.eps)
         self.W_head = nn.Parameter(torch.zeros(d, cfg.n_classes))
         self.b_head = nn.Parameter(torch.zeros(cfg.n_classes))
-        if cfg.distillation_token:
+        if cfg.distillation_head:
             self.W_head_dist = nn.Parameter(torch.zeros(d, cfg.n_classes))
             self.b_head_dist = nn.Parameter(torch.zeros(cfg.n_classes))
         self.setup()
@@ -217,15 +220,16 @@ class HookedViT(HookedRootModule):
             resid = block(resid)
         resid = self.ln_final(resid)
         logits = resid[:, 0] @ self.W_head + self.b_head
-        if self.cfg.distillation_token:
+        if self.cfg.distillation_head:
             logits = (logits + resid[:, 1] @ self.W_head_dist + self.b_head_dist) / 2
         return logits
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, local_dir: str, dtype: torch.dtype = torch.float32) -> "HookedViT":
-        """Load a local transformers ``ViTForImageClassification`` / ``DeiTForImageClassification``
-        (``...WithTeacher`` for distilled DeiT) folder. No network: the folder must exist."""
+        """Load a local transformers ``ViTForImageClassification``, ``DeiTForImageClassification``
+        (head on [CLS]) or ``DeiTForImageClassificationWithTeacher`` (mean of the [CLS] and [DIST]
+        heads) folder. No network: the folder must exist."""
         import os
 
         from transformers import AutoModelForImageClassification
@@ -244,14 +248,13 @@ class HookedViT(HookedRootModule):
         state = {k: v for k, v in hf.state_dict().items()}
         prefix = hf.base_model_prefix + "."
         distilled = prefix + "embeddings.distillation_token" in state
-        if distilled and "distillation_classifier.weight" not in state:
-            raise NotImplementedError("a DeiT with a distillation token needs DeiTForImageClassificationWithTeacher")
+        two_heads = "distillation_classifier.weight" in state  # DeiTForImageClassificationWithTeacher
         image_size = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
         patch_size = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
         cfg = ViTConfig(image_size=image_size, patch_size=patch_size, n_channels=c.num_channels,
                         d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                         d_mlp=c.intermediate_size, n_classes=c.num_labels, distillation_token=distilled,
-                        eps=c.layer_norm_eps, act_fn=c.hidden_act,
+                        distillation_head=two_heads, eps=c.layer_norm_eps, act_fn=c.hidden_act,
                         model_name=getattr(c, "_name_or_path", "") or c.model_type, id2label=dict(c.id2label or {}))
         e = prefix + "embeddings."
         sd = {"W_patch": state[e + "patch_embeddings.projection.weight"],
@@ -266,9 +269,9 @@ class HookedViT(HookedRootModule):
             _put_block(sd, i, cfg, q=pair("q"), k=pair("k"), v=pair("v"), o=pair("o"), ln1=pair("ln1"),
                        ln2=pair("ln2"), fc1=pair("fc1"), fc2=pair("fc2"))
         sd["ln_final.w"], sd["ln_final.b"] = state[prefix + "layernorm.weight"], state[prefix + "layernorm.bias"]
-        head = "cls_classifier" if distilled else "classifier"
+        head = "cls_classifier" if two_heads else "classifier"
         sd["W_head"], sd["b_head"] = state[head + ".weight"].T, state[head + ".bias"]
-        if distilled:
+        if two_heads:
             sd["W_head_dist"] = state["distillation_classifier.weight"].T
             sd["b_head_dist"] = state["distillation_classifier.bias"]
         return cls._from_state(cfg, sd, dtype)
@@ -294,7 +297,8 @@ class HookedViT(HookedRootModule):
         head = sd_in["head.weight"]
         cfg = ViTConfig(image_size=grid * patch, patch_size=patch, n_channels=channels, d_model=d,
                         n_layers=n_layers, n_heads=n_heads, d_mlp=sd_in["blocks.0.mlp.fc1.weight"].shape[0],
-                        n_classes=head.shape[0], distillation_token=distilled, eps=eps, act_fn=act_fn,
+                        n_classes=head.shape[0], distillation_token=distilled,
+                        distillation_head=distilled and "head_dist.weight" in sd_in, eps=eps, act_fn=act_fn,
                         model_name=model_name)
         if cfg.n_ctx != n_ctx:
             raise ValueError(f"pos_embed has {n_ctx} positions, expected {cfg.n_ctx} for a {grid}x{grid} grid")
@@ -314,7 +318,7 @@ class HookedViT(HookedRootModule):
                        fc2=(sd_in[b + "mlp.fc2.weight"], sd_in[b + "mlp.fc2.bias"]))
         sd["ln_final.w"], sd["ln_final.b"] = sd_in["norm.weight"], sd_in["norm.bias"]
         sd["W_head"], sd["b_head"] = head.T, sd_in["head.bias"]
-        if distilled:
+        if cfg.distillation_head:
             sd["W_head_dist"], sd["b_head_dist"] = sd_in["head_dist.weight"].T, sd_in["head_dist.bias"]
         return cls._from_state(cfg, sd, dtype)
 

@@ -5,7 +5,7 @@ textured background (two random colour gratings plus noise). The label is the sh
 half of the image it sits in (6 classes: ``circle-left`` ... ``triangle-right``), so both what
 the object is and where it is decide the answer: a position-sensitive task for PA-LRP.
 
-    python -m lens_palrp.zoo.shapes            # retrains lens_palrp/zoo/weights/shapes-vit (~2 min on 2 cores)
+    python -m lens_palrp.zoo.shapes            # retrains lens_palrp/zoo/weights/shapes-vit (3000 steps, ~12 min on one core)
 
 >>> images, labels, masks = lp.zoo.shapes.batch(8, seed=0)
 >>> vit = lp.zoo.shapes.load()
