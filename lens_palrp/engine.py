@@ -582,6 +582,8 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     if vision:  # images in; position ids stand in for tokens; the class logits sit on [CLS]
         if attention_mask is not None:
             raise ValueError("attention_mask does not apply to images")
+        if not (isinstance(position, int) and position in (-1, 0)):
+            raise ValueError("position does not apply to image classifiers: the logits sit on [CLS]")
         inputs, tokens, str_tokens = family.prepare_inputs(tokens, device)
         batch, n_pos = tokens.shape
         positions = torch.zeros(batch, dtype=torch.long)

@@ -223,6 +223,8 @@ def test_bad_images_and_options_raise(hf_vit):
         lp.explain(vit, _images(1), 5)
     with pytest.raises(ValueError, match="patch_rule"):
         lp.explain(vit, _images(1), 0, patch_rule="alpha")
+    with pytest.raises(ValueError, match="position"):
+        lp.explain(vit, _images(1), 0, position=3)
     with pytest.raises(FileNotFoundError):
         HookedViT.from_pretrained("/nonexistent/vit")
     # the model is left as it was, even after errors
@@ -341,3 +343,13 @@ def test_vision_only_options_refused_on_text_models():
         lp.explain(model, torch.tensor([[1, 2, 3]]), 2).pixel_map()
     with pytest.raises(ValueError, match="vision"):
         lp.explain(model, torch.tensor([[1, 2, 3]]), 2, patch_rule="gamma")
+
+
+def test_vision_attribution_saves_and_loads(hf_deit, tmp_path):
+    vit = HookedViT.from_hf(hf_deit)
+    attr = lp.explain(vit, _images(2), 1)
+    path = attr.save(str(tmp_path / "vit.safetensors"), model_config=vit.cfg)
+    back = lp.Attribution.load(path)
+    assert back.vision == attr.vision
+    torch.testing.assert_close(back.pixels, attr.pixels)
+    torch.testing.assert_close(back.patch_map("combined"), attr.patch_map("combined"))
