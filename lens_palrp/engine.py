@@ -635,11 +635,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     }
     attr = _assemble(sweep, family, m, tokens, attention_mask, str_tokens, positions, value.detach(), sink_relevance)
     if vision:
-        attr.vision = {"grid": [family.grid, family.grid], "patch_size": family.cfg.patch_size,
-                       "n_prefix": family.n_prefix, "image_size": [family.cfg.image_size] * 2,
-                       "patch_rule": patch_rule, "gamma": gamma if patch_rule == "gamma" else 0.0}
-        patch_relevance = sink_relevance[Role.EMBED][:, family.n_prefix:]
-        attr.pixels = family.pixel_relevance(inputs.detach(), patch_relevance, patch_rule, gamma)
+        attr.vision, attr.pixels = family.vision_outputs(inputs.detach(), sink_relevance[Role.EMBED], patch_rule, gamma)
     return attr
 
 

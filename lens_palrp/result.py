@@ -200,7 +200,7 @@ class Attribution:
         if which == "semantic":
             per_pos = self.semantic
         elif which == "positional":
-            per_pos = self.positional_input + self.positional.sum((1, 2))
+            per_pos = self.combined("signed", parts="positional")
         elif which == "combined":
             per_pos = self.combined(aggregation)
         elif which == "pe_only":

@@ -10,7 +10,7 @@ import torch
 import lens_palrp as lp
 from lens_palrp import rules
 from lens_palrp.analyses import vision
-from lens_palrp.hooks.vit import HookedViT, ViTFamily
+from lens_palrp.hooks.vit import HookedViT
 
 transformers = pytest.importorskip("transformers")
 

@@ -18,6 +18,7 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor
 
+from lens_palrp.analyses.faithfulness import _explained_methods
 from lens_palrp.engine import explain
 
 VISION_FRACTIONS = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], dtype=torch.float64)
@@ -31,17 +32,12 @@ def vision_maps(model, images: Tensor, targets: Tensor, methods: Sequence[str] =
     Baselines use their signed patch relevance; ``pe_only`` PA-LRP's positional part;
     ``pa_lrp`` / ``pa_lrp_abs`` the combined map with the paper's / the authors' aggregation.
     """
-    sweeps = {}
-    for m in methods:
-        base = {"pe_only": "pa_lrp", "pa_lrp_abs": "pa_lrp"}.get(m, m)
-        if base != "random" and base not in sweeps:
-            sweeps[base] = explain(model, images, targets, method=base)
+    sweeps = {m: explain(model, images, targets, method=m) for m in _explained_methods(methods)}
     out = {}
     for m in methods:
-        if m == "random":
+        if m == "random":  # one random value per pixel
             g = torch.Generator().manual_seed(seed)
-            ref = next(iter(sweeps.values())) if sweeps else None
-            shape = ref.pixels.shape if ref is not None else (images.shape[0], images.shape[2], images.shape[3])
+            shape = (images.shape[0], images.shape[-2], images.shape[-1])
             out[m] = torch.rand(shape, generator=g, dtype=torch.float64)
         elif m == "pe_only":
             out[m] = sweeps["pa_lrp"].pixel_map("pe_only", mode=mode)

@@ -202,9 +202,7 @@ class HookedViT(HookedRootModule):
     # ------------------------------------------------------------------ forward
     def patchify(self, images: Tensor) -> Tensor:
         """``[batch, patches, channels * patch * patch]`` in the patch-embedding weight's order."""
-        p = self.cfg.patch_size
-        patches = F.unfold(images, kernel_size=p, stride=p)  # [b, C*p*p, P], rows scanned like the conv
-        return patches.transpose(1, 2)
+        return patchify(images, self.cfg.patch_size)
 
     def forward(self, images: Tensor) -> Tensor:
         check_images(self.cfg, images, self.W_patch.dtype)
@@ -245,7 +243,7 @@ class HookedViT(HookedRootModule):
         c = hf.config
         if c.model_type not in ("vit", "deit"):
             raise NotImplementedError(f"HookedViT converts ViT and DeiT classifiers, not model_type={c.model_type!r}")
-        state = {k: v for k, v in hf.state_dict().items()}
+        state = hf.state_dict()
         prefix = hf.base_model_prefix + "."
         distilled = prefix + "embeddings.distillation_token" in state
         two_heads = "distillation_classifier.weight" in state  # DeiTForImageClassificationWithTeacher
@@ -368,6 +366,12 @@ def _put_block(sd: Dict[str, Tensor], i: int, cfg: ViTConfig, q, k, v, o, ln1, l
     sd[p + "mlp.W_out"], sd[p + "mlp.b_out"] = fc2[0].T, fc2[1]
 
 
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """``[batch, patches, channels * patch * patch]``: row-major patches, each flattened in the
+    order of a ``Conv2d`` patch-embedding weight ``[d_model, channels, patch, patch]``."""
+    return F.unfold(images, kernel_size=patch_size, stride=patch_size).transpose(1, 2)
+
+
 def check_images(cfg, images, dtype: Optional[torch.dtype] = None) -> None:
     """Raise a clear error for images the model cannot take."""
     if not isinstance(images, Tensor):
@@ -429,12 +433,6 @@ class ViTFamily(HookedTransformerFamily):
         self.n_prefix = getattr(cfg, "n_prefix", 1)
         self.grid = cfg.image_size // cfg.patch_size
 
-    def check_supported(self) -> None:  # the layout is checked in __init__
-        pass
-
-    def attention_sinks(self, layer: int):
-        return None
-
     @contextmanager
     def prepared(self):
         yield
@@ -471,16 +469,23 @@ class ViTFamily(HookedTransformerFamily):
         return images, positions, [self.position_names() for _ in range(images.shape[0])]
 
     # ------------------------------------------------------------------ pixels
-    def pixel_relevance(self, images: Tensor, patch_relevance: Tensor, rule: str, gamma: float) -> Tensor:
-        """Relevance ``[batch, height, width]`` of the pixels (summed over channels), by ``rule``
-        on the patch embedding, from the relevance of its outputs ``[batch, patches, d_model]``;
-        None for a duck-typed model without ``W_patch`` / ``b_patch``."""
+    def vision_outputs(self, images: Tensor, embed_relevance: Tensor, rule: str,
+                       gamma: float) -> Tuple[Dict[str, object], Optional[Tensor]]:
+        """The grid facts for ``attr.vision`` and the pixel relevance for ``attr.pixels``, from the
+        relevance of ``hook_embed`` ``[batch, positions, d_model]``."""
+        gamma = gamma if rule == "gamma" else 0.0
+        facts = {"grid": [self.grid, self.grid], "patch_size": self.cfg.patch_size, "n_prefix": self.n_prefix,
+                 "image_size": [self.cfg.image_size] * 2, "patch_rule": rule, "gamma": gamma}
+        return facts, self.pixel_relevance(images, embed_relevance[:, self.n_prefix:], gamma)
+
+    def pixel_relevance(self, images: Tensor, patch_relevance: Tensor, gamma: float) -> Optional[Tensor]:
+        """Relevance ``[batch, height, width]`` of the pixels (summed over channels), by LRP-gamma
+        (``gamma = 0``: epsilon) on the patch embedding, from the relevance of its outputs
+        ``[batch, patches, d_model]``; None for a duck-typed model without ``W_patch`` / ``b_patch``."""
         if not hasattr(self.model, "W_patch"):  # duck-typed models: their patch weights are unknown
             return None
         cfg, p = self.cfg, self.cfg.patch_size
-        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)
         weight = self.model.W_patch.reshape(cfg.d_model, -1)
-        r = rules.linear_gamma_relevance(patches, weight, self.model.b_patch, patch_relevance,
-                                         gamma=gamma if rule == "gamma" else 0.0)
+        r = rules.linear_gamma_relevance(patchify(images, p), weight, self.model.b_patch, patch_relevance, gamma=gamma)
         pixels = F.fold(r.transpose(1, 2), output_size=(cfg.image_size, cfg.image_size), kernel_size=p, stride=p)
         return pixels.sum(1)

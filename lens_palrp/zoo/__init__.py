@@ -20,36 +20,28 @@ import torch
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 TOKENIZER_DIR = os.path.join(WEIGHTS_DIR, "tokenizer")
 
+# every zoo model has the same sizes; they differ in block style and positional encoding
+_SIZES = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=32, d_vocab=18, default_prepend_bos=True)
+
 MODELS: Dict[str, dict] = {
     "rope-repeat": {
         "description": "2-layer LLaMA-style RoPE model (RMSNorm, gated SiLU MLP); at every position "
         "it outputs the token 3 positions back, so the answer is decided by position alone.",
         "task": {"name": "repeat-back", "k": 3, "n_pos": 16},
-        "config": dict(
-            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=32, d_vocab=18,
-            act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-            rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True, default_prepend_bos=True,
-        ),
+        "config": dict(_SIZES, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+                       rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True),
     },
     "learned-absolute": {
         "description": "2-layer GPT-2-style model (learned position embeddings, LayerNorm, GELU); at "
         "every position after the third it outputs the token at absolute position 2.",
         "task": {"name": "absolute-position", "p": 2, "n_pos": 16},
-        "config": dict(
-            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=32, d_vocab=18,
-            act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
-            default_prepend_bos=True,
-        ),
+        "config": dict(_SIZES, act_fn="gelu", normalization_type="LN", positional_embedding_type="standard"),
     },
     "alibi-repeat": {
         "description": "2-layer ALiBi model (LayerNorm, ReLU MLP); at every position it outputs the "
         "previous token, so the answer is decided by the relative position alone.",
         "task": {"name": "repeat-back", "k": 1, "n_pos": 16},
-        "config": dict(
-            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=32, d_vocab=18,
-            act_fn="relu", normalization_type="LN", positional_embedding_type="alibi",
-            default_prepend_bos=True,
-        ),
+        "config": dict(_SIZES, act_fn="relu", normalization_type="LN", positional_embedding_type="alibi"),
     },
 }
 
@@ -128,4 +120,4 @@ def training_record(name: str) -> dict:
         return json.load(f)
 
 
-from lens_palrp.zoo import shapes  # noqa: E402  (the shapes ViT; imports WEIGHTS_DIR from here)
+from lens_palrp.zoo import shapes  # noqa: E402,F401  (the shapes ViT, as lp.zoo.shapes; imports WEIGHTS_DIR from here)
