@@ -6,6 +6,7 @@
 """
 
 from lens_palrp.engine import explain
+from lens_palrp.hooks import unverified_architectures
 from lens_palrp.methods import METHODS
 from lens_palrp.result import Attribution, Conservation
 from lens_palrp.similarity import explain_similarity
@@ -13,4 +14,4 @@ from lens_palrp.targets import at_hook
 from lens_palrp import models, zoo
 
 __version__ = "0.1.0"
-__all__ = ["explain", "explain_similarity", "at_hook", "Attribution", "Conservation", "METHODS", "zoo", "models", "__version__"]
+__all__ = ["explain", "explain_similarity", "at_hook", "unverified_architectures", "Attribution", "Conservation", "METHODS", "zoo", "models", "__version__"]

@@ -9,17 +9,18 @@ so no activation-sized relevance tensor is kept unless the user asks for it with
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from lens_palrp import rules
-from lens_palrp.hooks import family_for
+from lens_palrp.hooks import family_for, unverified_architectures
 from lens_palrp.hooks.roles import HookRole, Role
+from lens_palrp.inputs import HookNames, prepare_tokens, resolve_hook_names, resolve_positions
 from lens_palrp.methods import Method, get_method
 from lens_palrp.result import Attribution
+from lens_palrp.safety import model_left_unchanged
 from lens_palrp.targets import HookTarget, TargetSpec, resolve_target
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -27,116 +28,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 class _StopForward(Exception):
     """Raised by an ``at_hook`` target once its scalar is computed: nothing above is needed."""
-
-
-# ---------------------------------------------------------------------------------------- inputs
-def prepare_tokens(
-    family, tokens, attention_mask: Optional[Tensor], prepend_bos: Optional[bool], device
-) -> Tuple[Tensor, Optional[Tensor], List[List[str]]]:
-    """Tokens ``[batch, pos]`` (right-padded), the attention mask (None if no padding), strings."""
-    if isinstance(tokens, str):
-        tokens = [tokens]
-    if isinstance(tokens, (list, tuple)):
-        if len(tokens) == 0:
-            raise ValueError("empty input: no prompts given")
-        if not all(isinstance(t, str) for t in tokens):
-            raise TypeError("a list input must hold strings (or pass a LongTensor of token ids)")
-        if family.tokenizer is None:
-            raise ValueError("the model has no tokenizer: pass token ids as a LongTensor")
-        rows = [family.to_tokens(t, prepend_bos) for t in tokens]
-        if any(r.numel() == 0 for r in rows):
-            raise ValueError("empty input: a prompt tokenizes to no tokens")
-        lengths = torch.tensor([r.numel() for r in rows])
-        n_pos = int(lengths.max())
-        pad_id = getattr(family.tokenizer, "pad_token_id", None) or 0
-        out = torch.full((len(rows), n_pos), pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : r.numel()] = r.cpu()
-        tokens = out
-        if attention_mask is None and bool((lengths < n_pos).any()):
-            attention_mask = (torch.arange(n_pos)[None, :] < lengths[:, None]).long()
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"tokens must be a string, a list of strings or a LongTensor, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
-    if tokens.is_inference():  # made under torch.inference_mode(): autograd cannot use it
-        tokens = tokens.clone()
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-    if tokens.numel() == 0:
-        raise ValueError(f"empty input: tokens have shape {tuple(tokens.shape)}")
-    if tokens.shape[1] > family.n_ctx:
-        raise ValueError(
-            f"sequence too long: {tokens.shape[1]} tokens, the model's n_ctx is {family.n_ctx}"
-        )
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(torch.long)
-        if attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(tokens.shape)}"
-            )
-        if not bool((attention_mask[:, 0] == 1).all()) or bool(
-            (attention_mask[:, 1:] > attention_mask[:, :-1]).any()
-        ):
-            raise ValueError("attention_mask must be right padding: ones first, then zeros")
-        if bool(attention_mask.all()):
-            attention_mask = None
-    tokens = tokens.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-    str_tokens = []
-    lengths = (
-        attention_mask.sum(-1).tolist() if attention_mask is not None else [tokens.shape[1]] * tokens.shape[0]
-    )
-    for row, n in zip(tokens, lengths):
-        str_tokens.append(list(family.to_str_tokens(row[: int(n)])))
-    return tokens, attention_mask, str_tokens
-
-
-def resolve_positions(position, lengths: Tensor) -> Tensor:
-    """Per-example target positions, counted within each example's real (unpadded) tokens."""
-    batch = lengths.shape[0]
-    if isinstance(position, Tensor):
-        pos = position.reshape(-1).long().cpu()
-        if pos.numel() == 1:
-            pos = pos.expand(batch).clone()
-        if pos.numel() != batch:
-            raise ValueError(f"position has {pos.numel()} entries for a batch of {batch}")
-    elif isinstance(position, int) and not isinstance(position, bool):
-        pos = torch.full((batch,), position, dtype=torch.long)
-    else:
-        raise TypeError(f"position must be an int or a [batch] tensor, got {type(position).__name__}")
-    resolved = torch.where(pos < 0, lengths + pos, pos)
-    bad = (resolved < 0) | (resolved >= lengths)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"position {int(pos[i])} is out of range for example {i} with {int(lengths[i])} tokens"
-        )
-    return resolved
-
-
-# ---------------------------------------------------------------------------------------- safety
-@contextmanager
-def model_left_unchanged(model, family):
-    """Freeze parameters for the sweep and restore ``requires_grad``, mode and config after."""
-    params = list(model.parameters())
-    requires = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    training = model.training
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with family.prepared():
-            yield
-    finally:
-        for p, r, g in zip(params, requires, grads):
-            p.requires_grad_(r)
-            p.grad = g
-        if model.training != training:  # the sweep never switches modes; guard user hooks
-            model.train(training)
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -515,46 +406,59 @@ def explain(
     target: TargetSpec,
     method: str = "pa_lrp",
     position: Union[int, Tensor] = -1,
-    record: Optional[Iterable[str]] = None,
+    record: HookNames = None,
     attention_mask: Optional[Tensor] = None,
     prepend_bos: Optional[bool] = None,
-    record_gradients: Optional[Iterable[str]] = None,
+    record_gradients: HookNames = None,
     patch_rule: Optional[str] = None,
     gamma: float = 0.25,
+    allow_unverified: bool = False,
 ) -> Attribution:
     """Explain ``target`` on ``tokens`` with one hooked forward and one relevance sweep.
 
     Args:
         model: a TransformerLens ``HookedTransformer``, ``HookedEncoder``, ``TransformerBridge``,
             or a ``lens_palrp.hooks.vit.HookedViT`` image classifier.
-        tokens: a LongTensor ``[batch, pos]`` (right-padded if ``attention_mask`` is given), or a
-            string / list of strings tokenized with the model's tokenizer (right-padded). For a
-            ViT: float images ``[batch, channels, height, width]`` (normalized for the model).
+        tokens: a LongTensor ``[batch, pos]``, or a string / list of strings tokenized with the
+            model's tokenizer (never truncated). Padding on either side is recognised from
+            ``attention_mask``, or from runs of the pad id that differ between rows (as
+            ``model.to_tokens([...])`` leaves them). Results are right-aligned: example ``i``'s
+            real tokens are positions ``0 .. n_i - 1`` whatever side the input was padded on.
+            For a ViT: float images ``[batch, channels, height, width]`` (normalized for the model).
         target: a token id (int, single-token string, or ``[batch]`` tensor) whose logit at
             ``position`` is explained; a pair ``(correct, wrong)`` for a logit difference; a
-            callable ``metric(logits) -> [batch]``; or ``lp.at_hook(hook_name, fn)``.
+            callable ``metric(logits) -> [batch]`` or ``metric(logits, positions) -> [batch]``
+            (``positions``: each example's explained position in the right-aligned logits, so a
+            metric on a padded batch never reads a pad); or ``lp.at_hook(hook_name, fn)``.
         method: ``"pa_lrp"`` (default), ``"attn_lrp"``, ``"cp_lrp"`` or ``"grad_x_input"``.
         position: the position of the explained logit, counted within each example's own
-            tokens (``-1``: its last real token); an int or a ``[batch]`` tensor.
-        record: hook names whose relevance (same shape as the activation) is kept in
-            ``attr.hooks``.
-        attention_mask: ``[batch, pos]`` right-padding mask for a LongTensor input.
+            tokens (``-1``: its last real token); an int or a ``[batch]`` tensor of ints.
+        record: a hook name, a list of them, or a filter ``callable(name) -> bool`` (as
+            TransformerLens' ``names_filter``): their relevance (same shape as the activation) is
+            kept in ``attr.hooks``.
+        attention_mask: ``[batch, pos]`` of 0 (pad) and 1 (real token), left or right padding.
         prepend_bos: passed to the tokenizer for string input (model default when None).
-        record_gradients: hook names whose *rule-modified gradient* (relevance / activation, the
+        record_gradients: hook names (as ``record``) whose *rule-modified gradient* (relevance / activation, the
             modified-gradient view of LRP) is kept in ``attr.gradients`` (for attribution-patching
             style estimates, see ``lens_palrp.analyses.relevance_patching``).
         patch_rule: ViT only: the rule that takes the patch embeddings' relevance to pixels
             (``attr.pixels``): ``"gamma"`` (default, as the paper's vision setup, with ``gamma``)
             or ``"epsilon"``. The patch-level maps do not depend on it.
-        gamma: the LRP-gamma parameter of ``patch_rule="gamma"``.
+        gamma: the LRP-gamma parameter of ``patch_rule="gamma"`` (>= 0).
+        allow_unverified: explain a TransformerBridge whose architecture is not among the
+            verified ones (``lens_palrp.hooks.transformer_bridge.VERIFIED_ARCHITECTURES``); the
+            maps are then unchecked, and a warning says so.
 
-    The model is left exactly as it was: hooks removed, ``requires_grad``, mode and gradients
-    restored, whether ``explain`` returns or raises.
+    The sweep runs in eval mode (dropout off). The model is left exactly as it was: hooks
+    removed, ``requires_grad``, gradients, every module's training flag and the config restored,
+    whether ``explain`` returns or raises. Calls on one model from several threads run one after
+    the other.
     """
     # the sweep needs autograd even when the caller is in no_grad / inference mode
     with torch.inference_mode(False), torch.enable_grad():
-        return _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-                        list(record_gradients or []), patch_rule, gamma)
+        with unverified_architectures(allow_unverified):
+            return _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
+                            record_gradients, patch_rule, gamma)
 
 
 def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
@@ -567,10 +471,8 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     if patch_rule not in ("gamma", "epsilon"):
         raise ValueError(f"patch_rule must be 'gamma' or 'epsilon', got {patch_rule!r}")
     m = get_method(method)
-    record = list(record or [])
-    for name in record + record_gradients:
-        if not family.has_hook(name):
-            raise ValueError(f"record: the model has no hook point named {name!r}")
+    record = resolve_hook_names(record, family, "record")
+    record_gradients = resolve_hook_names(record_gradients, family, "record_gradients")
     dtype = next(model.parameters()).dtype
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -588,14 +490,12 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         batch, n_pos = tokens.shape
         positions = torch.zeros(batch, dtype=torch.long)
     else:
-        tokens, attention_mask, str_tokens = prepare_tokens(family, tokens, attention_mask, prepend_bos, device)
+        prepared = prepare_tokens(family, tokens, attention_mask, prepend_bos, device)
+        tokens, attention_mask, str_tokens = prepared.tokens, prepared.attention_mask, prepared.str_tokens
         inputs = tokens
         batch, n_pos = tokens.shape
-        lengths = (
-            attention_mask.sum(-1).cpu() if attention_mask is not None else torch.full((batch,), n_pos)
-        )
-        positions = resolve_positions(position, lengths)
-    target_fn, hook_target = resolve_target(target, batch, positions, family)
+        positions = resolve_positions(position, prepared.lengths)
+    target_fn, hook_target = resolve_target(target, batch, positions, family, padded=attention_mask is not None)
     if hook_target is None and not family.logits_supported:
         raise NotImplementedError(
             f"{family.name} encoders: the MLM head's activation has no hook, so logit targets "

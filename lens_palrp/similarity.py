@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lens_palrp.engine import explain, prepare_tokens
+from lens_palrp.engine import explain
+from lens_palrp.inputs import prepare_tokens
 from lens_palrp.hooks import family_for
 from lens_palrp.result import Attribution
 from lens_palrp.targets import at_hook
@@ -45,7 +46,8 @@ def explain_similarity(
     """
     family = family_for(model)
     hook_name = hook_name or family.final_hidden_hook
-    tokens, mask, _ = prepare_tokens(family, [sentence_a, sentence_b], None, None, "cpu")
+    prepared = prepare_tokens(family, [sentence_a, sentence_b], None, None, "cpu")
+    tokens, mask = prepared.tokens, prepared.attention_mask
     if mask is None:
         mask = torch.ones_like(tokens)
     device = next(model.parameters()).device

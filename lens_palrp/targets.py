@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +28,9 @@ class HookTarget:
 
 def at_hook(hook_name: str, fn: Callable[[Tensor], Tensor]) -> HookTarget:
     """Target a scalar per example computed from the activation at ``hook_name``.
+
+    ``fn(activation)`` or ``fn(activation, positions)`` (each example's explained position in the
+    right-aligned batch, for padded batches):
 
     >>> lp.explain(model, tokens, lp.at_hook("blocks.1.mlp.hook_post", lambda a: a[:, -1, 42]))
     """
@@ -68,8 +75,10 @@ def _as_ids(spec, batch: int, family, what: str) -> Tensor:
             raise ValueError(f"{what} {text!r} is not in the vocabulary (it maps to the unknown token)")
     if isinstance(spec, bool):
         raise TypeError(f"{what} must be a token id, got a bool")
-    if isinstance(spec, int):
-        ids = torch.full((batch,), spec, dtype=torch.long)
+    if isinstance(spec, np.ndarray):
+        spec = torch.from_numpy(spec)
+    if isinstance(spec, numbers.Integral):  # int, numpy integers
+        ids = torch.full((batch,), int(spec), dtype=torch.long)
     elif isinstance(spec, Tensor):
         if spec.dtype.is_floating_point or spec.dtype == torch.bool:
             raise TypeError(f"{what} ids must be an integer tensor, got {spec.dtype}")
@@ -92,22 +101,53 @@ def _as_ids(spec, batch: int, family, what: str) -> Tensor:
     return ids
 
 
-def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family):
-    """Turn the user's ``target`` into ``(callable on logits or None, HookTarget or None)``."""
+def takes_positions(fn: Callable) -> bool:
+    """Whether ``fn`` accepts a second positional argument (the explained positions)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: call with one argument
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
+def with_positions(fn: Callable, positions: Tensor) -> Callable[[Tensor], Tensor]:
+    """``fn`` as a one-argument callable, handing it ``positions`` if it takes them."""
+    if not takes_positions(fn):
+        return fn
+    return lambda x: fn(x, positions.to(x.device))
+
+
+def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family, padded: bool = False):
+    """Turn the user's ``target`` into ``(callable on logits or None, HookTarget or None)``.
+
+    Callables that take a second argument get each example's explained position; a one-argument
+    metric on a padded batch is warned about, since ``logits[:, -1]`` is a pad in shorter rows.
+    """
     if isinstance(target, HookTarget):
         if not family.has_hook(target.hook_name):
             raise ValueError(f"at_hook: the model has no hook point named {target.hook_name!r}")
-        return None, target
+        return None, HookTarget(target.hook_name, with_positions(target.fn, positions))
     if isinstance(target, tuple):
         if len(target) != 2:
             raise ValueError("a logit-difference target is a pair (correct_id, wrong_id)")
         correct = _as_ids(target[0], batch, family, "correct target")
         wrong = _as_ids(target[1], batch, family, "wrong target")
         return LogitTarget(correct, wrong, positions), None
-    if isinstance(target, (int, str, Tensor)):
+    if isinstance(target, (numbers.Integral, str, Tensor, np.ndarray)):
         return LogitTarget(_as_ids(target, batch, family, "target"), None, positions), None
     if callable(target):
-        return target, None
+        if padded and not takes_positions(target):
+            warnings.warn(
+                "the batch is padded and the metric takes only the logits: shorter rows end in pads "
+                "(logits[:, -1] reads a pad). Write it as metric(logits, positions), positions being "
+                "each example's explained position.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return with_positions(target, positions), None
     raise TypeError(
         "target must be a token id, a [batch] tensor of ids, a pair (correct, wrong), "
         f"a callable metric(logits) -> [batch], or lp.at_hook(...); got {type(target).__name__}"

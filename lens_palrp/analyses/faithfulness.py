@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lens_palrp.engine import explain, prepare_tokens
+from lens_palrp.engine import explain
+from lens_palrp.inputs import prepare_tokens
 from lens_palrp.hooks import family_for
 from lens_palrp.similarity import explain_similarity, mean_pool
 
@@ -229,7 +230,8 @@ def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = MET
 
     family = family_for(model)
     device = next(model.parameters()).device
-    tokens, mask, _ = prepare_tokens(family, prompts, None, None, device)
+    prepared = prepare_tokens(family, prompts, None, None, device)
+    tokens, mask = prepared.tokens, prepared.attention_mask
     batch, n_pos = tokens.shape
     mask = torch.ones_like(tokens) if mask is None else mask
     lengths = mask.sum(-1)

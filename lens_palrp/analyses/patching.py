@@ -21,7 +21,8 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from lens_palrp.engine import explain, prepare_tokens
+from lens_palrp.engine import explain
+from lens_palrp.inputs import prepare_tokens
 from lens_palrp.hooks import family_for
 
 
@@ -103,8 +104,9 @@ class PatchingComparison:
 def _inputs(model, clean, corrupted):
     family = family_for(model)
     device = next(model.parameters()).device
-    clean_t, mask_c, strs = prepare_tokens(family, clean, None, None, device)
-    corr_t, mask_k, _ = prepare_tokens(family, corrupted, None, None, device)
+    clean_batch = prepare_tokens(family, clean, None, None, device)
+    clean_t, strs = clean_batch.tokens, clean_batch.str_tokens
+    corr_t = prepare_tokens(family, corrupted, None, None, device).tokens
     if clean_t.shape != corr_t.shape or clean_t.shape[0] != 1:
         raise ValueError(
             f"clean and corrupted must be one prompt each with the same number of tokens, got "

@@ -5,11 +5,11 @@ from __future__ import annotations
 from lens_palrp.hooks.hooked_encoder import HookedEncoderFamily, is_hooked_encoder
 from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily, is_hooked_transformer
 from lens_palrp.hooks.roles import HookRole, Role
-from lens_palrp.hooks.transformer_bridge import TransformerBridgeFamily, is_transformer_bridge
+from lens_palrp.hooks.transformer_bridge import TransformerBridgeFamily, is_transformer_bridge, unverified_architectures
 from lens_palrp.hooks.vit import HookedViT, ViTFamily, is_hooked_vit
 
 __all__ = ["family_for", "HookRole", "Role", "HookedTransformerFamily", "HookedEncoderFamily", "TransformerBridgeFamily",
-           "HookedViT", "ViTFamily"]
+           "HookedViT", "ViTFamily", "unverified_architectures"]
 
 
 def family_for(model):

@@ -62,7 +62,7 @@ class HookedEncoderFamily(HookedTransformerFamily):
             return self.model(tokens, one_zero_attention_mask=attention_mask, return_type="logits")
 
     def to_tokens(self, text: str, prepend_bos: Optional[bool]) -> Tensor:
-        return self.model.to_tokens(text)[0][0]  # (tokens, token types, mask): [CLS] ... [SEP]
+        return self.model.to_tokens(text, truncate=False)[0][0]  # (tokens, token types, mask): [CLS] ... [SEP]
 
     def to_str_tokens(self, tokens: Tensor):
         return self.model.tokenizer.convert_ids_to_tokens(tokens.tolist())

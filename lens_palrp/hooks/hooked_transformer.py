@@ -62,6 +62,7 @@ class HookedTransformerFamily:
         self.d_head: int = cfg.d_head
         self.n_ctx: int = cfg.n_ctx
         self.d_vocab_out: int = cfg.d_vocab_out
+        self.d_vocab: int = cfg.d_vocab  # token ids the embedding accepts
         self.pe_type: str = cfg.positional_embedding_type
         self.rotary_dim: Optional[int] = cfg.rotary_dim if self.pe_type == "rotary" else None
         self.rotary_adjacent_pairs: bool = bool(cfg.rotary_adjacent_pairs)
@@ -233,7 +234,7 @@ class HookedTransformerFamily:
 
     def to_tokens(self, text: str, prepend_bos: Optional[bool]) -> Tensor:
         kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-        return self.model.to_tokens(text, **kwargs)[0]
+        return self.model.to_tokens(text, truncate=False, **kwargs)[0]  # too long: the caller refuses
 
     def to_str_tokens(self, tokens: Tensor):
         if self.model.tokenizer is None:

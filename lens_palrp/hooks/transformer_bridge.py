@@ -23,10 +23,18 @@ BERT-style encoders (checked on all-MiniLM-L6-v2) differ in three ways, handled 
 
 Not yet supported on the bridge (``NotImplementedError``): ALiBi architectures, attention or
 output softcaps, q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
+
+Only architectures whose maps were checked (conservation on bias-free weights, agreement with
+HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
+Face ``model_type`` is refused, naming it, unless the caller opts in (``explain(...,
+allow_unverified=True)`` or ``with lp.unverified_architectures():``). A bridge's adapter can
+compute something other than what its hook names promise (GPT-NeoX and Phi-3 leave 3% of the logit
+unaccounted for and all positional maps zero), which no generic check catches.
 """
 
 from __future__ import annotations
 
+import contextvars
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Tuple
@@ -40,6 +48,24 @@ try:
     from transformer_lens.model_bridge import TransformerBridge
 except ImportError:  # pragma: no cover - very old TransformerLens
     TransformerBridge = None  # type: ignore[assignment,misc]
+
+
+# Hugging Face ``model_type``s whose bridge maps are verified (see the module docstring)
+VERIFIED_ARCHITECTURES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert"}
+)
+_ALLOW_UNVERIFIED = contextvars.ContextVar("lens_palrp_allow_unverified", default=False)
+
+
+@contextmanager
+def unverified_architectures(allow: bool = True):
+    """Within this block, bridges of unverified architectures are explained (with a warning)
+    instead of refused; also covers the analyses that call ``explain`` for you."""
+    token = _ALLOW_UNVERIFIED.set(_ALLOW_UNVERIFIED.get() or allow)
+    try:
+        yield
+    finally:
+        _ALLOW_UNVERIFIED.reset(token)
 
 
 def is_transformer_bridge(model) -> bool:
@@ -66,6 +92,7 @@ class TransformerBridgeFamily(HookedTransformerFamily):
         self.rebuild_attention = type(model.blocks[0].attn).__name__ == "AttentionBridge"
 
     def check_supported(self) -> None:
+        self._check_verified()
         cfg = self.cfg
         unsupported = {
             "ALiBi attention": cfg.positional_embedding_type == "alibi",
@@ -88,6 +115,26 @@ class TransformerBridgeFamily(HookedTransformerFamily):
                 self.model.blocks[layer].attn, "hook_pattern"
             ):
                 raise NotImplementedError(f"block {layer} has no attention with hook_pattern")
+
+    def _check_verified(self) -> None:
+        hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
+        model_type = str(getattr(hf_config, "model_type", None) or "unknown")
+        if model_type in VERIFIED_ARCHITECTURES:
+            return
+        architectures = getattr(hf_config, "architectures", None) or []
+        named = f"{model_type!r}" + (f" ({', '.join(architectures)})" if architectures else "")
+        if not _ALLOW_UNVERIFIED.get():
+            raise NotImplementedError(
+                f"lens_palrp has not verified TransformerBridge maps for the architecture {named}; "
+                f"verified: {', '.join(sorted(VERIFIED_ARCHITECTURES))}. To explain it anyway, unchecked, "
+                "pass allow_unverified=True to explain (or use `with lp.unverified_architectures():`)"
+            )
+        warnings.warn(
+            f"explaining an unverified architecture {named}: its maps are unchecked (conservation "
+            "and the positional sinks may be wrong); compare attr.conservation() with the logit",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def hook_roles(self) -> Dict[str, HookRole]:
         roles = super().hook_roles()
