@@ -12,6 +12,34 @@ AGGREGATIONS = ("relu", "abs", "signed")
 PARTS = ("all", "semantic", "positional")
 
 
+def check_index(index, batch: int, what: str = "index") -> int:
+    """``index`` as a non-negative example number, or an ``IndexError`` that names the valid range
+    (torch's own message names neither the argument nor the batch)."""
+    if isinstance(index, bool) or not isinstance(index, int):
+        if isinstance(index, Tensor) and index.numel() == 1 and not index.dtype.is_floating_point:
+            index = int(index)
+        else:
+            raise TypeError(f"{what} must be an int (an example of the batch), got {index!r}")
+    if batch == 0:
+        raise IndexError(f"{what} {index}: the batch is empty")
+    if not -batch <= index < batch:
+        raise IndexError(
+            f"{what} {index} is out of range for a batch of {batch} example{'s' if batch != 1 else ''} "
+            f"(valid: 0..{batch - 1}, or -{batch}..-1 from the end)"
+        )
+    return index % batch
+
+
+def _detached(value):
+    """A tensor, or a dict of them, cut from any autograd graph: a result that keeps the graph
+    holds the model's activations alive and refuses ``.numpy()``."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict) and any(isinstance(v, Tensor) for v in value.values()):
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in value.items()}
+    return value
+
+
 @dataclass
 class Conservation:
     """Where the explained value went, per example (``[batch]``) and per layer (``[batch, layers]``).
@@ -47,6 +75,8 @@ class Conservation:
         return pos / (self.semantic + pos)
 
     def as_dict(self, index: int = 0) -> Dict[str, object]:
+        """The numbers of example ``index`` as plain Python values."""
+        index = check_index(index, self.target_value.shape[0])
         out: Dict[str, object] = {}
         for name in (
             "target_value", "semantic", "positional_input", "positional", "token_type", "positional_leak",
@@ -60,7 +90,7 @@ class Conservation:
 
     def format(self, index: int = 0) -> str:
         """A printable table of one example."""
-        b = index
+        b = check_index(index, self.target_value.shape[0])
         t = float(self.target_value[b])
 
         def row(label, value):
@@ -129,6 +159,11 @@ class Attribution:
     # the grid facts {"grid", "patch_size", "n_prefix", "image_size", "patch_rule", "gamma"}
     pixels: Optional[Tensor] = None
     vision: Optional[Dict[str, object]] = None
+
+    def __setattr__(self, name, value):
+        # every tensor is detached as it is stored (by __init__ and by later assignments such as
+        # the engine's attr.pixels = ...), so no Attribution ever holds an autograd graph
+        super().__setattr__(name, _detached(value))
 
     @property
     def batch_size(self) -> int:
@@ -263,6 +298,9 @@ class Attribution:
         ``which`` is ``"semantic"``, ``"positional"`` (input + attention level, signed) or
         ``"combined"`` (the default ``combined()`` map).
         """
+        index = check_index(index, self.batch_size)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an int >= 0 (how many tokens to list), got {k!r}")
         if which == "semantic":
             scores = self.semantic[index]
         elif which == "positional":
@@ -270,7 +308,7 @@ class Attribution:
         elif which == "combined":
             scores = self.combined()[index]
         else:
-            raise ValueError("which must be 'semantic', 'positional' or 'combined'")
+            raise ValueError(f"which must be 'semantic', 'positional' or 'combined', got {which!r}")
         n = int(self.attention_mask[index].sum())
         k = min(k, n)
         values, positions = scores[:n].topk(k)
@@ -282,7 +320,7 @@ class Attribution:
         positional and semantic heatmaps, per-layer shares, residual stream, conservation)."""
         from lens_palrp.analyses.plots import write_report
 
-        return write_report(self, path, index, title)
+        return write_report(self, path, check_index(index, self.batch_size), title)
 
     def save(self, path: str, model_config=None) -> str:
         """Tensors to ``path`` (safetensors), metadata (method, tokens and their strings, model

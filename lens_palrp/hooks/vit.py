@@ -18,6 +18,7 @@ a timm-style state dict (``HookedViT.from_timm_state_dict``).
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -390,6 +391,13 @@ def check_images(cfg, images, dtype: Optional[torch.dtype] = None) -> None:
         raise TypeError(f"images are {images.dtype}, the model's weights {dtype}: convert with images.to({dtype})")
 
 
+def check_gamma(gamma) -> None:
+    """LRP-gamma enhances positive contributions by ``gamma >= 0``; a negative one weakens them
+    and can flip or blow up the denominators, so it is refused (0 is the epsilon rule)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0 (0 is the epsilon rule), got {gamma!r}")
+
+
 # ---------------------------------------------------------------------------------------- family
 VIT_HOOKS = ("hook_embed", "hook_pos_embed", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z",
              "blocks.0.mlp.hook_post", "blocks.0.ln1.hook_scale")
@@ -462,6 +470,8 @@ class ViTFamily(HookedTransformerFamily):
         if isinstance(images, Tensor) and images.ndim == 3:
             images = images[None]
         check_images(self.cfg, images)
+        if images.shape[0] == 0:  # would "explain" nothing and return an empty Attribution
+            raise ValueError(f"images has an empty batch (shape {tuple(images.shape)}): pass at least one image")
         if images.dtype != dtype:  # float precision differs: harmless to convert
             images = images.to(dtype)
         images = images.to(device)
@@ -472,11 +482,16 @@ class ViTFamily(HookedTransformerFamily):
     def vision_outputs(self, images: Tensor, embed_relevance: Tensor, rule: str,
                        gamma: float) -> Tuple[Dict[str, object], Optional[Tensor]]:
         """The grid facts for ``attr.vision`` and the pixel relevance for ``attr.pixels``, from the
-        relevance of ``hook_embed`` ``[batch, positions, d_model]``."""
-        gamma = gamma if rule == "gamma" else 0.0
+        relevance of ``hook_embed`` ``[batch, positions, d_model]``. No graph is built: the patch
+        weights require grad again once the sweep has restored them."""
+        if rule == "gamma":  # epsilon ignores gamma
+            check_gamma(gamma)
+        gamma = float(gamma) if rule == "gamma" else 0.0
         facts = {"grid": [self.grid, self.grid], "patch_size": self.cfg.patch_size, "n_prefix": self.n_prefix,
                  "image_size": [self.cfg.image_size] * 2, "patch_rule": rule, "gamma": gamma}
-        return facts, self.pixel_relevance(images, embed_relevance[:, self.n_prefix:], gamma)
+        with torch.no_grad():
+            pixels = self.pixel_relevance(images, embed_relevance[:, self.n_prefix:], gamma)
+        return facts, pixels
 
     def pixel_relevance(self, images: Tensor, patch_relevance: Tensor, gamma: float) -> Optional[Tensor]:
         """Relevance ``[batch, height, width]`` of the pixels (summed over channels), by LRP-gamma
