@@ -19,8 +19,26 @@ class CliError(Exception):
     """A problem the user fixes by changing the command: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line like every other CLI error (exit code 2 as before)."""
+
+    def error(self, message):
+        self.exit(2, f"lens-palrp: error: {message} (see: {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """``--top``: how many tokens to list, at least one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (how many tokens to list), got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lens-palrp",
         description="Positional-Aware LRP (PA-LRP) for TransformerLens models.",
     )
@@ -44,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="how the combined map aggregates the sinks (default relu = the paper's Eq. 11)")
     ex.add_argument("--loader", choices=("auto", "hooked", "bridge"), default="auto",
                     help="for a folder: HookedTransformer (LLaMA-family, GPT-2) or TransformerBridge (default auto)")
-    ex.add_argument("--top", type=int, default=5, help="how many tokens to list (default 5)")
+    ex.add_argument("--top", type=_positive_int, default=5, help="how many tokens to list (default 5)")
     ex.add_argument("--out", default="lens_palrp_report.html", help="where to write the HTML report")
     sub.add_parser("zoo", help="list the shipped models")
     return parser
@@ -57,15 +75,42 @@ def _load(name: str, loader: str):
         return lp.zoo.load(name)[0]
     if not os.path.isdir(name):
         raise CliError(f"--model {name!r} is neither a zoo model ({', '.join(lp.zoo.names())}) nor a folder")
-    if not os.path.exists(os.path.join(name, "config.json")):
+    config = os.path.join(name, "config.json")
+    if not os.path.exists(config):
         raise CliError(f"--model {name!r} has no config.json: it must be a Hugging Face model folder")
+    _check_config(config)
     if loader in ("auto", "hooked"):
         try:
             return lp.models.hooked_transformer_from_folder(name)
         except (NotImplementedError, ImportError) as err:
             if loader == "hooked":
-                raise CliError(f"cannot load {name!r} as a HookedTransformer: {err}") from None
-    return lp.models.bridge_from_folder(name)
+                raise CliError(f"cannot load {name!r} as a HookedTransformer: {_first_line(err)}") from None
+        except Exception as err:  # a broken folder: transformers' errors run over many lines
+            raise CliError(f"cannot load --model {name!r}: {_first_line(err)}") from None
+    try:
+        return lp.models.bridge_from_folder(name)
+    except Exception as err:
+        raise CliError(f"cannot load --model {name!r} as a TransformerBridge: {_first_line(err)}") from None
+
+
+def _check_config(path: str) -> None:
+    """A folder's config.json must be a JSON object: said here, before transformers fails on it."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CliError(f"{path} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror or err}") from None
+    if not isinstance(config, dict):
+        raise CliError(f"{path} must hold a JSON object (a Hugging Face config), got a {type(config).__name__}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _token(text: str):
@@ -76,6 +121,9 @@ def _token(text: str):
 def explain_command(args) -> int:
     import lens_palrp as lp
 
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):  # said before the model loads, not after the explanation
+        raise CliError(f"--out {args.out!r}: the folder {folder} does not exist")
     model = _load(args.model, args.loader)
     target = _token(args.target)
     if args.wrong is not None:
@@ -110,9 +158,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{name}: {lp.zoo.describe(name)}")
             return 0
         return explain_command(args)
-    except (CliError, ValueError, TypeError, NotImplementedError, FileNotFoundError, ImportError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"lens-palrp: error: {message}", file=sys.stderr)
+    except (CliError, ValueError, TypeError, NotImplementedError, OSError, ImportError, IndexError) as err:
+        print(f"lens-palrp: error: {_first_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # anything else is still one line; LENS_PALRP_TRACEBACK=1 shows where
+        if os.environ.get("LENS_PALRP_TRACEBACK"):
+            raise
+        print(f"lens-palrp: error: {type(err).__name__}: {_first_line(err)} "
+              "(set LENS_PALRP_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
 
 
