@@ -212,12 +212,18 @@ def bridge_from_hf(hf_model, tokenizer, dtype: Optional[torch.dtype] = None, dev
     """A ``TransformerBridge`` around a Hugging Face model object (no hub access).
 
     The bridge picks its adapter from ``config.architectures``, which a model built in memory
-    lacks: it is set from the model's class here.
+    lacks: it is set from the model's class here. The bridge wraps ``hf_model`` itself and
+    TransformerBridge leaves a pre-loaded model's weights as they are (only ``cfg.dtype`` follows
+    ``dtype``), so a different ``dtype`` converts ``hf_model``'s floating-point parameters in
+    place; its buffers (e.g. rotary frequencies) keep their precision, as in TransformerLens' own
+    loading. A quantized model cannot be converted and is refused.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
+    if dtype is not None:
+        _cast_parameters(hf_model, dtype)
     dtype = dtype or next(hf_model.parameters()).dtype
     name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     with warnings.catch_warnings():
@@ -225,3 +231,20 @@ def bridge_from_hf(hf_model, tokenizer, dtype: Optional[torch.dtype] = None, dev
         return TransformerBridge.boot_transformers(
             name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
+
+
+def _cast_parameters(hf_model, dtype) -> None:
+    """Floating-point parameters to ``dtype`` in place, so that the weights match ``cfg.dtype``."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    params = [p for p in hf_model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    if not params:
+        return
+    if getattr(hf_model.config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"dtype={dtype}: the model is quantized ({type(hf_model.config.quantization_config).__name__}), "
+            "its weights cannot be converted; pass dtype=None to keep them"
+        )
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.to(dtype)
