@@ -1,7 +1,7 @@
 """Faithfulness of every method, written to ``benchmarks/results/faithfulness.md``.
 
     python benchmarks/faithfulness.py                   # everything (about 70 min on one CPU core)
-    python benchmarks/faithfulness.py --quick           # zoo + MiniLM subset, about a minute (CI)
+    python benchmarks/faithfulness.py --quick           # zoo + MiniLM subset, about 1.5 min on 2 cores (CI)
     python benchmarks/faithfulness.py --quick --texts fortunes   # the same on the full run's text
     python benchmarks/faithfulness.py --sections gemma  # one section; the others are re-read
     python benchmarks/faithfulness.py --render-only     # rebuild the table from the saved sections
