@@ -470,6 +470,8 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     patch_rule = patch_rule or "gamma"
     if patch_rule not in ("gamma", "epsilon"):
         raise ValueError(f"patch_rule must be 'gamma' or 'epsilon', got {patch_rule!r}")
+    if vision and patch_rule == "gamma":  # before the sweep, not after it
+        family.check_gamma(gamma)
     m = get_method(method)
     record = resolve_hook_names(record, family, "record")
     record_gradients = resolve_hook_names(record_gradients, family, "record_gradients")

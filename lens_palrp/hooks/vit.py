@@ -422,6 +422,7 @@ class ViTFamily(HookedTransformerFamily):
     causal = False
     logits_supported = True
     vision = True
+    check_gamma = staticmethod(check_gamma)  # the engine checks it before the sweep
 
     def __init__(self, model):  # noqa: super().__init__ reads a HookedTransformerConfig; set the facts here
         self.model = model

@@ -1,0 +1,60 @@
+"""Tiny random Hugging Face models booted as TransformerBridges (float64, the zoo's tokenizer)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+import lens_palrp as lp
+from lens_palrp.zoo import TOKENIZER_DIR
+
+
+def save_with_tokenizer(hf_model, folder):
+    """A local model folder as boot_transformers expects it: weights, config, tokenizer files."""
+    hf_model.save_pretrained(folder)
+    for f in os.listdir(TOKENIZER_DIR):
+        shutil.copy(os.path.join(TOKENIZER_DIR, f), os.path.join(folder, f))
+    return folder
+
+
+def boot(folder):
+    return lp.models.bridge_from_folder(str(folder), dtype=torch.float64)
+
+
+def tiny_llama(folder):
+    """``(hf_model, bridge)``: 2 layers, grouped-query attention, RoPE, gated SiLU MLP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=18, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    hf = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0, 0.3)
+    return hf, boot(save_with_tokenizer(hf, folder))
+
+
+def tiny_gpt2(folder):
+    """``(hf_model, bridge)``: 2 layers, learned positions, LayerNorm, biases."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=18, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    hf = GPT2LMHeadModel(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "ln" in name:
+                p.normal_(1.0, 0.2)
+            else:
+                p.normal_(0, 0.3)
+    return hf, boot(save_with_tokenizer(hf, folder))
