@@ -58,3 +58,15 @@ def tiny_gpt2(folder):
             else:
                 p.normal_(0, 0.3)
     return hf, boot(save_with_tokenizer(hf, folder))
+
+
+def tiny_gpt_neox(folder):
+    """``(hf_model, bridge)``: a Pythia-style model, an architecture lens_palrp has not verified."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(2)
+    cfg = GPTNeoXConfig(vocab_size=18, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32, rotary_pct=0.5)
+    cfg.architectures = ["GPTNeoXForCausalLM"]
+    hf = GPTNeoXForCausalLM(cfg).double().eval()
+    return hf, boot(save_with_tokenizer(hf, folder))
