@@ -58,14 +58,6 @@ def test_hooked_transformer_padded_batch_equals_single_runs(config, side):
         assert_rows_equal_single_runs(model, rows, attr, (5, 7), method)
 
 
-@pytest.fixture(scope="module")
-def zoo():
-    try:
-        return lp.zoo.load("rope-repeat")
-    except ImportError as err:
-        pytest.skip(str(err))
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_to_tokens_padding_is_recognised_without_a_mask(zoo, side):
     """``model.to_tokens([...])`` pads with the tokenizer's pad id (1, not the BOS id 0) and passes

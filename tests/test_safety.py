@@ -152,14 +152,6 @@ def test_train_mode_is_explained_in_eval_and_restored(family, gpt2_bridge):
 
 
 # --------------------------------------------------------------------------------- inputs
-@pytest.fixture(scope="module")
-def zoo():
-    try:
-        return lp.zoo.load("rope-repeat")
-    except ImportError as err:
-        pytest.skip(str(err))
-
-
 def test_long_strings_are_refused_not_truncated(zoo):
     model, _ = zoo
     long_prompt = " ".join("abcdefgh"[i % 8] for i in range(50))
