@@ -49,6 +49,7 @@ def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
         (["--target", "zz"], "not in the vocabulary"),
         (["--position", "40"], "out of range"),
         (["--target", "99"], "out of the vocabulary"),
+        (["--prompt", " ".join("abcdefgh"[i % 8] for i in range(50))], "too long: prompt 0 is 51 tokens"),
     ],
 )
 def test_errors_are_one_line_with_a_nonzero_exit(args, message, tmp_path):
