@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--loader", choices=("auto", "hooked", "bridge"), default="auto",
                     help="for a folder: HookedTransformer (LLaMA-family, GPT-2) or TransformerBridge (default auto)")
     ex.add_argument("--top", type=_positive_int, default=5, help="how many tokens to list (default 5)")
+    ex.add_argument("--allow-unverified", action="store_true",
+                    help="explain a TransformerBridge of an architecture lens_palrp has not verified "
+                    "(its maps are unchecked; a warning says so)")
     ex.add_argument("--out", default="lens_palrp_report.html", help="where to write the HTML report")
     sub.add_parser("zoo", help="list the shipped models")
     return parser
@@ -79,6 +82,7 @@ def _load(name: str, loader: str):
     if not os.path.exists(config):
         raise CliError(f"--model {name!r} has no config.json: it must be a Hugging Face model folder")
     _check_config(config)
+    _no_progress_bars()
     if loader in ("auto", "hooked"):
         try:
             return lp.models.hooked_transformer_from_folder(name)
@@ -108,6 +112,34 @@ def _check_config(path: str) -> None:
         raise CliError(f"{path} must hold a JSON object (a Hugging Face config), got a {type(config).__name__}")
 
 
+def _no_progress_bars() -> None:
+    """transformers draws a "Loading weights" progress bar on stderr while a folder loads, so an
+    error after the load was not the one line on stderr that every CLI error is. The folders the
+    CLI loads are local: there is no download to watch."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
+def _check_verified(model, allowed: bool) -> None:
+    """The engine refuses an unverified bridge architecture telling a Python caller to pass
+    ``allow_unverified=True``; on the command line the way to opt in is ``--allow-unverified``."""
+    from lens_palrp.hooks.transformer_bridge import VERIFIED_ARCHITECTURES, is_transformer_bridge
+
+    if allowed or not is_transformer_bridge(model):
+        return
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    model_type = str(getattr(hf_config, "model_type", None) or "unknown")
+    if model_type not in VERIFIED_ARCHITECTURES:
+        raise CliError(
+            f"lens_palrp has not verified TransformerBridge maps for the architecture {model_type!r} "
+            f"(verified: {', '.join(sorted(VERIFIED_ARCHITECTURES))}); pass --allow-unverified to explain "
+            "it anyway, unchecked"
+        )
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -125,10 +157,12 @@ def explain_command(args) -> int:
     if not os.path.isdir(folder):  # said before the model loads, not after the explanation
         raise CliError(f"--out {args.out!r}: the folder {folder} does not exist")
     model = _load(args.model, args.loader)
+    _check_verified(model, args.allow_unverified)
     target = _token(args.target)
     if args.wrong is not None:
         target = (target, _token(args.wrong))
-    attr = lp.explain(model, args.prompt, target, method=args.method, position=args.position)
+    attr = lp.explain(model, args.prompt, target, method=args.method, position=args.position,
+                      allow_unverified=args.allow_unverified)
     c = attr.conservation()
     value = float(attr.target_value[0])
     what = f"logit({args.target!r})" + (f" - logit({args.wrong!r})" if args.wrong else "")

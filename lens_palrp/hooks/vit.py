@@ -473,6 +473,11 @@ class ViTFamily(HookedTransformerFamily):
         check_images(self.cfg, images)
         if images.shape[0] == 0:  # would "explain" nothing and return an empty Attribution
             raise ValueError(f"images has an empty batch (shape {tuple(images.shape)}): pass at least one image")
+        # a NaN / inf pixel would surface only as "the target value is not finite", naming no image
+        bad = ~torch.isfinite(images).flatten(1).all(-1)
+        if bool(bad.any()):
+            raise ValueError(f"image {int(bad.nonzero()[0])} holds NaN or inf pixel values: explain finite, "
+                             "normalized images")
         if images.dtype != dtype:  # float precision differs: harmless to convert
             images = images.to(dtype)
         images = images.to(device)
