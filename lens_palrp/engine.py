@@ -9,6 +9,7 @@ so no activation-sized relevance tensor is kept unless the user asks for it with
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -411,7 +412,7 @@ def explain(
     prepend_bos: Optional[bool] = None,
     record_gradients: HookNames = None,
     patch_rule: Optional[str] = None,
-    gamma: float = 0.25,
+    gamma: Optional[float] = None,
     allow_unverified: bool = False,
 ) -> Attribution:
     """Explain ``target`` on ``tokens`` with one hooked forward and one relevance sweep.
@@ -444,7 +445,7 @@ def explain(
         patch_rule: ViT only: the rule that takes the patch embeddings' relevance to pixels
             (``attr.pixels``): ``"gamma"`` (default, as the paper's vision setup, with ``gamma``)
             or ``"epsilon"``. The patch-level maps do not depend on it.
-        gamma: the LRP-gamma parameter of ``patch_rule="gamma"`` (>= 0).
+        gamma: the LRP-gamma parameter of ``patch_rule="gamma"`` (>= 0; default 0.25).
         allow_unverified: explain a TransformerBridge whose architecture is not among the
             verified ones (``lens_palrp.hooks.transformer_bridge.VERIFIED_ARCHITECTURES``); the
             maps are then unchecked, and a warning says so.
@@ -454,6 +455,8 @@ def explain(
     whether ``explain`` returns or raises. Calls on one model from several threads run one after
     the other.
     """
+    if not isinstance(allow_unverified, bool):  # "no" would be truthy and opt in
+        raise TypeError(f"allow_unverified must be True or False, got {allow_unverified!r}")
     # the sweep needs autograd even when the caller is in no_grad / inference mode
     with torch.inference_mode(False), torch.enable_grad():
         with unverified_architectures(allow_unverified):
@@ -462,12 +465,13 @@ def explain(
 
 
 def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-             record_gradients, patch_rule=None, gamma=0.25) -> Attribution:
+             record_gradients, patch_rule=None, gamma=None) -> Attribution:
     family = family_for(model)
     vision = getattr(family, "vision", False)
-    if patch_rule is not None and not vision:
-        raise ValueError("patch_rule applies to vision transformers (HookedViT) only")
+    if (patch_rule is not None or gamma is not None) and not vision:
+        raise ValueError("patch_rule and gamma apply to vision transformers (HookedViT) only")
     patch_rule = patch_rule or "gamma"
+    gamma = 0.25 if gamma is None else gamma
     if patch_rule not in ("gamma", "epsilon"):
         raise ValueError(f"patch_rule must be 'gamma' or 'epsilon', got {patch_rule!r}")
     if vision and patch_rule == "gamma":  # before the sweep, not after it
@@ -486,7 +490,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     if vision:  # images in; position ids stand in for tokens; the class logits sit on [CLS]
         if attention_mask is not None:
             raise ValueError("attention_mask does not apply to images")
-        if not (isinstance(position, int) and position in (-1, 0)):
+        if isinstance(position, bool) or not (isinstance(position, numbers.Integral) and int(position) in (-1, 0)):
             raise ValueError("position does not apply to image classifiers: the logits sit on [CLS]")
         inputs, tokens, str_tokens = family.prepare_inputs(tokens, device)
         batch, n_pos = tokens.shape
@@ -531,6 +535,8 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
             raise ValueError("the target does not depend on the input: nothing to explain")
         roles_in_graph = list(sweep.leaves)
         grads = torch.autograd.grad(value.sum(), [sweep.leaves[r] for r in roles_in_graph], allow_unused=True)
+        if all(g is None for g in grads):  # it requires grad only through tensors of its own
+            raise ValueError("the target does not depend on the input: nothing to explain")
     sink_relevance = {  # relevance of each input sink: embedding x gradient (Eq. 5, epsilon = 0)
         r: sweep.leaves[r].detach() * (torch.zeros_like(sweep.leaves[r]) if g is None else g)
         for r, g in zip(roles_in_graph, grads)

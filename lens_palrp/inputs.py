@@ -44,6 +44,8 @@ class TokenBatch:
 # ------------------------------------------------------------------------------------ tokens
 def prepare_tokens(family, tokens, attention_mask, prepend_bos: Optional[bool], device) -> TokenBatch:
     """Check ``tokens`` (strings or ids) and ``attention_mask``; return the right-aligned batch."""
+    if prepend_bos is not None and not isinstance(prepend_bos, (bool, np.bool_)):
+        raise TypeError(f"prepend_bos must be True, False or None, got {type(prepend_bos).__name__} {prepend_bos!r}")
     if isinstance(tokens, np.ndarray):
         tokens = torch.from_numpy(tokens)
     if isinstance(tokens, str):
@@ -232,6 +234,8 @@ def resolve_hook_names(spec: HookNames, family, what: str) -> List[str]:
         return []
     if isinstance(spec, str):
         names = [spec]
+    elif isinstance(spec, (bytes, bytearray)):
+        raise TypeError(f"{what}: hook names are strings, got bytes {spec!r}")
     elif callable(spec):
         names = [n for n in family.hook_names() if spec(n)]
     else:

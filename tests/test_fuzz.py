@@ -251,10 +251,6 @@ def ok(model, run, check=None, **kw):
     return Case(model, run, check=check, **kw)
 
 
-def xfail(reason):
-    return (pytest.mark.xfail(strict=True, reason=reason),)
-
-
 def equals_plain(*args, **kwargs):
     """A check: the result equals the same call with plain Python ints / defaults."""
     return lambda result, m, env: assert_same_attr(result, lp.explain(m, *args, **kwargs))
@@ -551,9 +547,11 @@ CASES = {
     "zoo-tokens-list-of-ints": err("zoo", explain([0, 4, 9], 3), TypeError, "a list input must hold strings"),
     "zoo-tokens-none": err("zoo", explain(None, 3), TypeError, "tokens must be a string"),
     "zoo-prepend-bos-not-bool": err(
-        "zoo", explain(PROMPT, 3, prepend_bos="yes"), TypeError, "prepend_bos must be",
-        marks=xfail("inputs.prepare_tokens passes prepend_bos to TransformerLens unchecked: a raw "
-                    "AssertionError from to_tokens")),
+        "zoo", explain(PROMPT, 3, prepend_bos="yes"), TypeError, "prepend_bos must be"),
+    "zoo-gamma-on-text": err("zoo", explain(TOKS, 3, gamma=-1.0), ValueError, "apply to vision transformers"),
+    "zoo-allow-unverified-not-bool": err("zoo", explain(TOKS, 3, allow_unverified="no"), TypeError,
+                                         "allow_unverified must be True or False"),
+    "zoo-record-bytes": err("zoo", explain(TOKS, 3, record=b"hook_embed"), TypeError, "got bytes"),
     "zoo-position-float": err("zoo", explain(TOKS, 3, position=1.0), TypeError, "position must be an int"),
     "zoo-position-numpy-float": err("zoo", explain(TOKS, 3, position=np.float64(2.0)), TypeError,
                                     "position must be an int"),
@@ -587,7 +585,7 @@ CASES = {
                                     "record_gradients: the model has no hook point named 'nope'"),
     "zoo-method-unknown": err("zoo", explain(TOKS, 3, method="lrp"), ValueError, "unknown method 'lrp'"),
     "zoo-patch-rule-on-text": err("zoo", explain(TOKS, 3, patch_rule="gamma"), ValueError,
-                                  "patch_rule applies to vision transformers"),
+                                  "patch_rule and gamma apply to vision transformers"),
     "zoo-metric-raises": err("zoo", explain(TOKS, fail), Failed, "user code failed",
                              post=explains_again(TOKS, 3)),
     "zoo-metric-nan": err("zoo", explain(TOKS, lambda l: l[:, -1, 3] * float("nan")), FloatingPointError,
@@ -599,9 +597,7 @@ CASES = {
     "zoo-metric-constant": err("zoo", explain(TOKS, lambda l: torch.zeros(1)), ValueError,
                                "does not depend on the input"),
     "zoo-metric-detached-own-parameter": err(
-        "zoo", lambda m, env: lp.explain(m, TOKS, detached_metric()), ValueError, "does not depend on the input",
-        marks=xfail("engine: a target that requires grad only through its own parameter passes the "
-                    "requires_grad check; every sink gets no gradient and an all-zero map is returned")),
+        "zoo", lambda m, env: lp.explain(m, TOKS, detached_metric()), ValueError, "does not depend on the input"),
     "zoo-metric-keyboard-interrupt": err("zoo", explain(TOKS, lambda l: (_ for _ in ()).throw(KeyboardInterrupt)),
                                          KeyboardInterrupt, "", post=explains_again(TOKS, 3)),
     "zoo-metric-reenters-explain": err("zoo", reentrant(TOKS, 3), RuntimeError, "already explaining",
@@ -699,8 +695,7 @@ CASES = {
                         "position does not apply to image classifiers"),
     "vit-numpy-position-works": ok(
         "vit", lambda m, env: lp.explain(m, env.images, 0, position=np.int64(-1)),
-        lambda r, m, env: assert_same_attr(r, lp.explain(m, env.images, 0)),
-        marks=xfail("engine: the ViT position check is isinstance(position, int), so numpy's -1 is refused")),
+        lambda r, m, env: assert_same_attr(r, lp.explain(m, env.images, 0))),
     "vit-class-out-of-range": err("vit", lambda m, env: lp.explain(m, env.images, 6), ValueError,
                                   r"target id 6 is out of the vocabulary \(0..5\)"),
     "vit-class-unknown-name": err("vit", lambda m, env: lp.explain(m, env.images, "hexagon"), ValueError,
