@@ -2,7 +2,7 @@
 ``benchmarks/results/vision.md`` (REFERENCE.md section 4; ``lens_palrp.analyses.vision``).
 
     python benchmarks/vision.py           # 500 held-out images (about 2 minutes on 2 CPU cores)
-    python benchmarks/vision.py --quick   # 32 images (CI)
+    python benchmarks/vision.py --quick   # 32 images (CI), written to the git-ignored benchmarks/out/
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "vision.md"))
+    parser.add_argument("--out", default=None,
+                        help="default: results/vision.md; with --quick the git-ignored out/vision_quick.md")
     args = parser.parse_args()
+    if args.out is None:  # a quick run never overwrites the published table
+        args.out = os.path.join(HERE, "out", "vision_quick.md") if args.quick else os.path.join(HERE, "results", "vision.md")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     n = 32 if args.quick else args.images
     start = time.perf_counter()
     vit = shapes.load()

@@ -353,3 +353,20 @@ def test_vision_attribution_saves_and_loads(hf_deit, tmp_path):
     assert back.vision == attr.vision
     torch.testing.assert_close(back.pixels, attr.pixels)
     torch.testing.assert_close(back.patch_map("combined"), attr.patch_map("combined"))
+
+
+def test_vision_quick_benchmark_leaves_the_published_table_alone():
+    """CI runs it: a quick run writes to the git-ignored benchmarks/out/, never results/vision.md."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    published = os.path.join(root, "benchmarks", "results", "vision.md")
+    with open(published, encoding="utf-8") as f:
+        before = f.read()
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "vision.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(published, encoding="utf-8") as f:
+        assert f.read() == before
+    assert os.path.exists(os.path.join(root, "benchmarks", "out", "vision_quick.md"))
