@@ -3,6 +3,7 @@ rules on a ViT (conservation, the patch rule against a slow closed form), errors
 metrics on hand-made cases."""
 
 import math
+import os
 
 import pytest
 import torch
