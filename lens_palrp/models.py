@@ -41,14 +41,38 @@ def _gpt2_config(c, dtype):
     )
 
 
+def _bloom_config(c, dtype):
+    """BLOOM as TransformerLens 3.x loads it (ALiBi, post-embedding LayerNorm, tanh GELU, d_mlp
+    4 * d_model), except ``n_ctx``: ALiBi has no table, so it comes from an ``n_positions`` or
+    ``seq_length`` the config may carry (TransformerLens' own 2048 otherwise). Hugging Face takes
+    the attention softmax in float32 whatever the dtype; HookedTransformer in its dtype."""
+    from transformer_lens import HookedTransformerConfig
+
+    if getattr(c, "apply_residual_connection_post_layernorm", False):
+        raise NotImplementedError(
+            "BLOOM with apply_residual_connection_post_layernorm has no HookedTransformer form; "
+            "use lens_palrp.models.bridge_from_folder for a TransformerBridge"
+        )
+
+    n_ctx = getattr(c, "n_positions", None) or getattr(c, "seq_length", None) or 2048
+    return HookedTransformerConfig(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.n_head, n_heads=c.n_head,
+        d_mlp=4 * c.hidden_size, n_layers=c.n_layer, n_ctx=n_ctx, d_vocab=c.vocab_size,
+        act_fn="gelu_fast", normalization_type="LN", post_embedding_ln=True,
+        positional_embedding_type="alibi", eps=c.layer_norm_epsilon,
+        original_architecture="BloomForCausalLM", dtype=dtype,
+    )
+
+
 _CONVERTERS = {
     "LlamaForCausalLM": ("llama", "convert_llama_weights", _llama_config),
     "GPT2LMHeadModel": ("gpt2", "convert_gpt2_weights", _gpt2_config),
+    "BloomForCausalLM": ("bloom", "convert_bloom_weights", _bloom_config),
 }
 
 
 def hooked_transformer_from_hf(hf_model, tokenizer=None, dtype: Optional[torch.dtype] = None):
-    """A ``HookedTransformer`` with the weights of a Hugging Face LLaMA-family or GPT-2 model.
+    """A ``HookedTransformer`` with the weights of a Hugging Face LLaMA-family, GPT-2 or BLOOM model.
 
     No weight processing (no LayerNorm folding): the model computes what the Hugging Face model
     computes. For other architectures use ``bridge_from_folder``.
