@@ -12,6 +12,11 @@ Metrics, each the trapezoid area over ``f`` in [0, 1]: **AUAC**, the softmax pro
 target token (higher is better for generation and pruning); **AU-MSE**, the squared difference
 between the original and the perturbed target logit (lower is better); and the area under the
 target logit for MoRF / LeRF. The 11 perturbed inputs of a sample run as one batch.
+
+Every family runs it (HookedTransformer, TransformerBridge in either hook naming): the forwards go
+through the family in eval mode; hooks are read by the name asked for (in a bridge's default
+naming ``hook.name`` is the bridge's own name, not the HookedTransformer alias); only the explained
+position is unembedded, by slicing the unembedding's input, which every family computes per position.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from lens_palrp.analyses.common import in_eval_mode
 from lens_palrp.engine import explain
-from lens_palrp.inputs import prepare_tokens
 from lens_palrp.hooks import family_for
+from lens_palrp.inputs import prepare_tokens
 from lens_palrp.similarity import explain_similarity, mean_pool
 
 FRACTIONS = torch.linspace(0, 1, 11, dtype=torch.float64)
@@ -139,19 +145,26 @@ def bootstrap_mean(values: Tensor, n_boot: int = 1000, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------- methods
+@in_eval_mode
 def rollout_matrix(model, tokens: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
     """Abnar & Zuidema (2020): ``prod_l (A_l + I) / 2`` with heads averaged and rows renormalized,
     ``[batch, pos, pos]`` (row = query position)."""
     family = family_for(model)
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(family.n_layers)]
+    missing = [n for n in names if not family.has_hook(n)]
+    if missing:
+        raise NotImplementedError(f"attention rollout reads the attention patterns, but this {family.name} "
+                                  f"has no hook point {missing[0]!r}")
     patterns = {}
 
-    def keep(act, hook):
-        patterns[hook.name] = act.detach().double()
-        return act
+    def keeper(name):
+        def keep(act, hook=None):
+            patterns[name] = act.detach().double()
+            return act
+        return keep
 
     with torch.no_grad():
-        family.forward(tokens, attention_mask, [(n, keep) for n in names])
+        family.forward(tokens, attention_mask, [(n, keeper(n)) for n in names])
     rollout = None
     for name in names:
         a = patterns[name].mean(1)  # [batch, q, k]
@@ -203,6 +216,7 @@ def _maps(methods: Sequence[str], explained, shape, seed: int, rollout: Callable
     return maps
 
 
+@in_eval_mode
 def relevance_maps(model, tokens: Tensor, attention_mask: Optional[Tensor], target: Tensor,
                    positions: Tensor, methods: Sequence[str] = METHOD_NAMES, seed: int = 0) -> Dict[str, Tensor]:
     """``{method: [batch, pos]}`` relevance maps on identical inputs.
@@ -216,6 +230,14 @@ def relevance_maps(model, tokens: Tensor, attention_mask: Optional[Tensor], targ
                  lambda: attention_rollout(model, tokens, attention_mask, positions))
 
 
+def _unembedding_input(family) -> str:
+    """Where the positions not explained can be dropped: the unembedding's input. Not the last
+    block's output: a Hugging Face model (GPT-2) reshapes the final norm's output to the input's
+    length, which fails on a bridge."""
+    return "unembed.hook_in" if family.has_hook("unembed.hook_in") else family.final_hidden_hook
+
+
+@in_eval_mode
 def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = METHOD_NAMES,
                       modes: Sequence[str] = MODES, mask_token: Optional[int] = None, seed: int = 0,
                       protect_first: bool = True, progress: bool = True,
@@ -251,13 +273,14 @@ def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = MET
     perturbable = mask.bool().cpu().clone()
     if protect_first:
         perturbable[:, 0] = False
+    slice_at = _unembedding_input(family)
     curves = {m: {mode: {"prob": torch.zeros(batch, len(FRACTIONS), dtype=torch.float64),
                          "logit": torch.zeros(batch, len(FRACTIONS), dtype=torch.float64)}
                   for mode in modes} for m in maps}
     for i in tqdm(range(batch), disable=not progress, desc="perturbation"):
         n = int(lengths[i])
 
-        def last_only(act, hook, n=n):
+        def last_only(act, hook=None, n=n):
             # only the explained position reaches the unembedding (a 262k vocabulary is most of
             # the cost of a forward on short inputs)
             return act[:, n - 1 : n]
@@ -267,7 +290,7 @@ def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = MET
                        for mode in modes]
             inputs = torch.cat(stacked).to(device)
             with torch.no_grad():
-                out = family.forward(inputs, None, [(family.final_hidden_hook, last_only)])[:, -1].double()
+                out = family.forward(inputs, None, [(slice_at, last_only)])[:, -1].double()
             probs = out.softmax(-1)[:, int(targets[i])].cpu()
             logit = out[:, int(targets[i])].cpu()
             for j, mode in enumerate(modes):
@@ -312,6 +335,7 @@ class SimilarityResult:
         return out
 
 
+@in_eval_mode
 def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_NAMES,
                                  modes: Sequence[str] = MODES, removal: str = "attention",
                                  mask_token: Optional[int] = None, seed: int = 0,

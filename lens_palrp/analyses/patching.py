@@ -9,6 +9,15 @@
   gradient of the metric on the corrupted run, plain ("grad") or rule-modified ("attn_lrp",
   "pa_lrp"; the latter with the RoPE / ALiBi rules, whose positional share never reaches the
   components). One forward per input and one sweep per method, instead of one forward per patch.
+
+Both run on a HookedTransformer and on a TransformerBridge (TransformerLens 3.9 and 4.x), in the
+bridge's default hook naming and in its compatibility mode. TransformerLens' patching utilities
+patch ``blocks.{l}.attn.hook_z`` and ``blocks.{l}.hook_resid_pre``: on the bridge these names are
+aliases of its own hook points by default (``blocks.{l}.attn.o.hook_in``, ``blocks.{l}.hook_in``)
+and resolve either way, so the utilities are used as they are (checked against patching the
+Hugging Face modules by hand in ``tests/test_analyses_bridge.py``). The gradients are recorded
+at the names the family's role map gives (``layer_hooks``), the hooks the rules sit on. Every
+forward runs in eval mode, as ``explain``'s (``in_eval_mode``).
 """
 
 from __future__ import annotations
@@ -21,9 +30,11 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from lens_palrp.analyses.common import in_eval_mode, layer_hooks
 from lens_palrp.engine import explain
-from lens_palrp.inputs import prepare_tokens
 from lens_palrp.hooks import family_for
+from lens_palrp.hooks.roles import Role
+from lens_palrp.inputs import prepare_tokens
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -126,12 +137,15 @@ def _batch_metric(metric: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tens
     return wrapped
 
 
+@in_eval_mode
 def activation_patching(model, clean, corrupted, metric) -> Dict[str, Tensor]:
     """Effect on ``metric`` of patching each head's output (all positions) and each residual
     stream position from the clean into the corrupted run, relative to the corrupted run."""
     from transformer_lens import patching
 
     family, clean_t, corr_t, _ = _inputs(model, clean, corrupted)
+    for role in (Role.Z, Role.RESID_PRE):
+        layer_hooks(family, role)  # the names the utilities patch are the family's
     scalar = _scalar_metric(metric)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean_t)
@@ -141,6 +155,7 @@ def activation_patching(model, clean, corrupted, metric) -> Dict[str, Tensor]:
     return {"heads": heads.detach().cpu() - baseline, "resid": resid.detach().cpu() - baseline}
 
 
+@in_eval_mode
 def compare_with_patching(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
                           methods: Sequence[str] = ("pa_lrp", "attn_lrp")) -> PatchingComparison:
     """Activation patching per head / residual position next to each method's relevance of the
@@ -167,6 +182,7 @@ def _correlations(patched, heads, resid) -> Dict[str, float]:
     }
 
 
+@in_eval_mode
 def relevance_patching(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
                        methods: Sequence[str] = ("grad", "attn_lrp", "pa_lrp"),
                        true_patching: bool = True) -> PatchingComparison:
@@ -174,13 +190,10 @@ def relevance_patching(model, clean, corrupted, metric: Callable[[Tensor], Tenso
     with ``g`` the plain or LRP-modified gradient of ``metric`` on the corrupted run; with
     ``true_patching`` also run activation patching and report the correlations."""
     family, clean_t, corr_t, strs = _inputs(model, clean, corrupted)
-    L = family.n_layers
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    r_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
-    wanted = lambda n: n in z_names + r_names  # noqa: E731
+    z_names, r_names = layer_hooks(family, Role.Z), layer_hooks(family, Role.RESID_PRE)
     with torch.no_grad():  # one forward per input; the differences serve every method
-        _, clean_cache = model.run_with_cache(clean_t, names_filter=wanted)
-        _, corr_cache = model.run_with_cache(corr_t, names_filter=wanted)
+        _, clean_cache = model.run_with_cache(clean_t, names_filter=z_names + r_names)
+        _, corr_cache = model.run_with_cache(corr_t, names_filter=z_names + r_names)
     delta = {n: clean_cache[n] - corr_cache[n] for n in z_names + r_names}
     heads, resid = {}, {}
     for method in methods:

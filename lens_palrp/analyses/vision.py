@@ -18,6 +18,7 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor
 
+from lens_palrp.analyses.common import in_eval_mode
 from lens_palrp.analyses.faithfulness import _explained_methods
 from lens_palrp.engine import explain
 
@@ -25,6 +26,7 @@ VISION_FRACTIONS = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.
 VISION_METHODS = ("random", "grad_x_input", "attn_lrp", "pe_only", "pa_lrp", "pa_lrp_abs")
 
 
+@in_eval_mode
 def vision_maps(model, images: Tensor, targets: Tensor, methods: Sequence[str] = VISION_METHODS,
                 seed: int = 0, mode: str = "bilinear") -> Dict[str, Tensor]:
     """``{method: [batch, H, W]}`` pixel maps, patch maps upsampled (the [CLS] row left out).
@@ -82,6 +84,7 @@ class VisionPerturbationResult:
         return out
 
 
+@in_eval_mode
 def vision_perturbation_test(model, images: Tensor, labels: Tensor, maps: Dict[str, Tensor],
                              fill: float = 0.0) -> VisionPerturbationResult:
     """Remove pixels by each map (positive and negative order) and track the accuracy on
