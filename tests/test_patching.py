@@ -1,4 +1,7 @@
-"""Activation patching side by side, and relevance patching, on the zoo model."""
+"""Activation patching side by side, and relevance patching: on the zoo model and on tiny
+TransformerBridges in both hook namings (TransformerLens 3.9 and 4.x). What they check holds for
+any model; ``tests/test_analyses_bridge.py`` checks the bridges' numbers against patching the
+Hugging Face modules by hand."""
 
 import math
 
@@ -8,17 +11,25 @@ import torch
 import lens_palrp as lp
 from lens_palrp import analyses as an
 
-if not lp.zoo.available():
-    pytest.skip("uses the zoo model (TransformerLens 3.x)", allow_module_level=True)
-
-CLEAN, CORRUPTED = "c h a p k b e g", "c h a p n b e g"  # the answer (3 back) is k, then n
+CLEAN, CORRUPTED = "c h a p k b e g", "c h a p n b e g"  # the zoo's answer (3 back) is k, then n
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model, _ = lp.zoo.load("rope-repeat")
-    model = model.to(torch.float64)
-    model.cfg.dtype = torch.float64
+@pytest.fixture(scope="module", params=["zoo", "llama-bridge", "gpt2-bridge-compat"])
+def setup(request, tmp_path_factory):
+    if request.param == "zoo":
+        if not lp.zoo.available():
+            pytest.skip("the zoo model needs TransformerLens 3.x")
+        model, _ = lp.zoo.load("rope-repeat")
+        model = model.to(torch.float64)
+        model.cfg.dtype = torch.float64
+    else:
+        pytest.importorskip("transformer_lens.model_bridge")
+        from bridges import tiny_gpt2, tiny_llama
+
+        make = tiny_llama if request.param.startswith("llama") else tiny_gpt2
+        _, model = make(tmp_path_factory.mktemp(request.param))
+        if request.param.endswith("compat"):
+            model.enable_compatibility_mode(disable_warnings=True)
     k, n = model.to_single_token("k"), model.to_single_token("n")
     metric = lambda logits: logits[:, -1, k] - logits[:, -1, n]
     return model, metric
@@ -59,14 +70,16 @@ def test_gradient_estimate_is_attribution_patching(setup):
     _, clean_cache = model.run_with_cache(model.to_tokens(CLEAN))
     acts = {}
 
-    def keep(act, hook):
-        act.retain_grad()
-        acts[hook.name] = act
-        return act
+    def keeper(name):  # keyed by the name asked for: a bridge's hook.name may be its own
+        def keep(act, hook):
+            act.retain_grad()
+            acts[name] = act
+            return act
+        return keep
 
     names = [f"blocks.{l}.attn.hook_z" for l in range(2)]
     model.zero_grad(set_to_none=True)
-    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+    with model.hooks(fwd_hooks=[(n, keeper(n)) for n in names]):
         metric(model(corr)).sum().backward()
     expected = torch.stack([((clean_cache[n] - acts[n].detach()) * acts[n].grad).sum((0, 1, 3)) for n in names])
     model.zero_grad(set_to_none=True)
