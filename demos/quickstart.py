@@ -1,7 +1,8 @@
 """Quickstart: explain a shipped RoPE model whose answer is decided by position alone.
 
 The zoo model ``rope-repeat`` outputs, at every position, the token 3 positions back. PA-LRP
-should put the token relevance on that token and show which heads use RoPE to find it.
+should put the token relevance on that token and show which heads use RoPE to find it. The model
+loads as a HookedTransformer under TransformerLens 3.x and as a TransformerBridge under 4.x.
 
     python demos/quickstart.py [--out demos/out/quickstart.html]
 """
@@ -29,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = lp.zoo.load("rope-repeat")
-    print(f"model: rope-repeat - {lp.zoo.describe('rope-repeat')}\n")
+    print(f"model: rope-repeat as a {type(model).__name__} - {lp.zoo.describe('rope-repeat')}\n")
     figures = []
     for prompt in PROMPTS:
         tokens = model.to_tokens(prompt)
