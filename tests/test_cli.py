@@ -9,8 +9,7 @@ import pytest
 
 import lens_palrp as lp
 
-if not lp.zoo.available():
-    pytest.skip("uses the zoo model (TransformerLens 3.x)", allow_module_level=True)
+needs_zoo = pytest.mark.skipif(not lp.zoo.available(), reason="the zoo model needs TransformerLens 3.x")
 
 EXE = shutil.which("lens-palrp") or os.path.join(os.path.dirname(sys.executable), "lens-palrp")
 
@@ -27,6 +26,7 @@ def test_help_documents_every_option():
     assert "explain" in run("--help").stdout
 
 
+@needs_zoo
 def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
     out = tmp_path / "report.html"
     r = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "k",
@@ -42,6 +42,7 @@ def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
     assert by_id.returncode == 0 and "logit('12') - logit('b')" in by_id.stdout
 
 
+@needs_zoo
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -62,6 +63,21 @@ def test_errors_are_one_line_with_a_nonzero_exit(args, message, tmp_path):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_explain_a_hugging_face_folder_as_a_bridge(tmp_path):
+    """What ``pip install`` gives (TransformerLens 4: bridges only) explains a local folder."""
+    pytest.importorskip("transformer_lens.model_bridge")
+    from bridges import tiny_llama
+
+    tiny_llama(tmp_path / "llama")
+    out = tmp_path / "report.html"
+    r = run("explain", "--model", str(tmp_path / "llama"), "--loader", "bridge", "--prompt", "c h a p k b e g",
+            "--target", "k", "--wrong", "n", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "logit('k') - logit('n') at position 8" in r.stdout and "report:" in r.stdout
+    assert "Positional relevance per head" in out.read_text()
+
+
+@needs_zoo
 def test_zoo_listing():
     r = run("zoo")
     assert r.returncode == 0

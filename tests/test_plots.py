@@ -9,13 +9,20 @@ import torch
 import lens_palrp as lp
 from lens_palrp import analyses as an
 
-if not lp.zoo.available():
-    pytest.skip("uses the zoo model (TransformerLens 3.x)", allow_module_level=True)
 
+@pytest.fixture(scope="module", params=["zoo", "llama-bridge"])
+def attr(request, tmp_path_factory):
+    """An explanation of the zoo's RoPE model, and of a Llama TransformerBridge (TransformerLens
+    3.9 and 4.x) with the same tokenizer: the figures read the Attribution alone."""
+    if request.param == "zoo":
+        if not lp.zoo.available():
+            pytest.skip("the zoo model needs TransformerLens 3.x")
+        model, _ = lp.zoo.load("rope-repeat")
+    else:
+        pytest.importorskip("transformer_lens.model_bridge")
+        from bridges import tiny_llama
 
-@pytest.fixture(scope="module")
-def attr():
-    model, _ = lp.zoo.load("rope-repeat")
+        _, model = tiny_llama(tmp_path_factory.mktemp("llama"))
     return lp.explain(model, ["c h a p k b e g", "a b c d"], "k")
 
 
