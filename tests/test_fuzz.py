@@ -109,21 +109,21 @@ def assert_same_attr(a, b) -> None:
 
 # ------------------------------------------------------------------------------ models
 def _need_hooked_transformer():
-    if not lp.zoo.available():
+    if not lp.zoo.hooked_available():
         pytest.skip(HT_REASON)
 
 
 @pytest.fixture(scope="module")
 def zoo():
     _need_hooked_transformer()
-    return _prime(lp.zoo.load("rope-repeat")[0])
+    return _prime(lp.zoo.load("rope-repeat", kind="hooked")[0])
 
 
 @pytest.fixture(scope="module")
 def zoo_inference():
     _need_hooked_transformer()
     with torch.inference_mode():
-        return lp.zoo.load("rope-repeat")[0]
+        return lp.zoo.load("rope-repeat", kind="hooked")[0]
 
 
 @pytest.fixture(scope="module")
