@@ -9,7 +9,7 @@ import pytest
 
 import lens_palrp as lp
 
-needs_zoo = pytest.mark.skipif(not lp.zoo.available(), reason="the zoo model needs TransformerLens 3.x")
+needs_zoo = pytest.mark.skipif(not lp.zoo.available(), reason="the zoo models do not load here")
 
 EXE = shutil.which("lens-palrp") or os.path.join(os.path.dirname(sys.executable), "lens-palrp")
 

@@ -51,7 +51,7 @@ def model(request, tmp_path_factory):
     (TransformerLens 3.9 and 4.x), whose Hugging Face forward refuses a shortened last block."""
     if request.param == "zoo":
         if not lp.zoo.available():
-            pytest.skip("the zoo model needs TransformerLens 3.x")
+            pytest.skip("the zoo models do not load here")
         return "zoo", lp.zoo.load("rope-repeat")[0]
     pytest.importorskip("transformer_lens.model_bridge")
     from bridges import tiny_gpt2

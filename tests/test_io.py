@@ -14,7 +14,7 @@ def model(request, tmp_path_factory):
     hook naming and in compatibility mode, whose configs are saved beside the tensors."""
     if request.param == "zoo":
         if not lp.zoo.available():
-            pytest.skip("the zoo model needs TransformerLens 3.x")
+            pytest.skip("the zoo models do not load here")
         return lp.zoo.load("rope-repeat")[0]
     pytest.importorskip("transformer_lens.model_bridge")
     from bridges import tiny_gpt2, tiny_llama

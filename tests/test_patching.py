@@ -18,7 +18,7 @@ CLEAN, CORRUPTED = "c h a p k b e g", "c h a p n b e g"  # the zoo's answer (3 b
 def setup(request, tmp_path_factory):
     if request.param == "zoo":
         if not lp.zoo.available():
-            pytest.skip("the zoo model needs TransformerLens 3.x")
+            pytest.skip("the zoo models do not load here")
         model, _ = lp.zoo.load("rope-repeat")
         model = model.to(torch.float64)
         model.cfg.dtype = torch.float64

@@ -16,7 +16,7 @@ def attr(request, tmp_path_factory):
     3.9 and 4.x) with the same tokenizer: the figures read the Attribution alone."""
     if request.param == "zoo":
         if not lp.zoo.available():
-            pytest.skip("the zoo model needs TransformerLens 3.x")
+            pytest.skip("the zoo models do not load here")
         model, _ = lp.zoo.load("rope-repeat")
     else:
         pytest.importorskip("transformer_lens.model_bridge")
