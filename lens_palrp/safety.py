@@ -61,6 +61,22 @@ def check_usable(model) -> None:
 
 
 @contextmanager
+def evaluating(model):
+    """Every module in eval mode (a bridge's Hugging Face model too: dropout off), each module's
+    flag put back afterwards, whatever happens."""
+    modes = [(m, m.training) for m in all_modules(model)]
+    try:
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+        for module, _ in modes:
+            module.training = False
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
 def model_left_unchanged(model, family):
     """Freeze parameters and switch to eval for the sweep; restore ``requires_grad``, ``.grad``,
     every module's training flag and the family's config changes afterwards, whatever happens."""
@@ -69,19 +85,29 @@ def model_left_unchanged(model, family):
         params = list(model.parameters())
         requires = [p.requires_grad for p in params]
         grads = [p.grad for p in params]
-        modes = [(m, m.training) for m in model.modules()]
         try:
-            for p in params:
-                p.requires_grad_(False)
-            model.eval()
-            with family.prepared():
-                yield
+            with evaluating(model):
+                for p in params:
+                    p.requires_grad_(False)
+                with family.prepared():
+                    yield
         finally:
-            _restore(params, requires, grads, modes)
+            _restore(params, requires, grads)
 
 
-def _restore(params, requires, grads, modes) -> None:
-    """Every step is attempted; the first failure is raised after all of them ran."""
+def all_modules(model):
+    """``model.modules()`` plus a TransformerBridge's Hugging Face model's: the bridge keeps
+    ``original_model`` outside its module tree, and GPT-2's embedding dropout lives only there."""
+    seen = {}
+    for root in (model, getattr(model, "original_model", None)):
+        if isinstance(root, torch.nn.Module):
+            for module in root.modules():
+                seen.setdefault(id(module), module)
+    return list(seen.values())
+
+
+def _restore(params, requires, grads) -> None:
+    """Every parameter is restored; the first failure is raised after all of them ran."""
     failure = None
     for p, r, g in zip(params, requires, grads):
         try:
@@ -89,7 +115,5 @@ def _restore(params, requires, grads, modes) -> None:
             p.grad = g
         except Exception as err:  # pragma: no cover - defensive: keep restoring the rest
             failure = failure or err
-    for module, training in modes:
-        module.training = training
     if failure is not None:  # pragma: no cover
         raise failure

@@ -21,7 +21,9 @@ def state(model):
         "params": [p.detach().clone() for p in model.parameters()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "grads": [p.grad for p in model.parameters()],
-        "modes": [m.training for m in model.modules()],
+        # a bridge keeps its Hugging Face model outside model.modules(): its flags count too
+        "modes": [m.training for m in model.modules()]
+        + [m.training for m in getattr(model, "original_model", torch.nn.Module()).modules()],
         "hooks": sum(len(h.fwd_hooks) + len(h.bwd_hooks) for h in model.hook_dict.values()),
         "cfg": repr(model.cfg),
     }
@@ -81,6 +83,13 @@ def test_threads_on_one_model_give_the_serial_maps_and_restore_it(gqa_model):
             torch.testing.assert_close(getattr(a, field), getattr(b, field), **D)
     assert_unchanged(model, before)
     assert model.cfg.ungroup_grouped_query_attention is False
+
+
+def test_a_record_filter_skips_the_hooks_a_bridge_gates(gpt2_bridge):
+    """``hook_result`` and the split q/k/v inputs refuse hooks while their flag is off: a filter
+    over the whole attention block must record the rest, not fail on those."""
+    attr = lp.explain(gpt2_bridge, torch.tensor([[2, 5, 7, 3]]), 5, record=lambda n: n.startswith("blocks.0.attn."))
+    assert "blocks.0.attn.hook_pattern" in attr.hooks and "blocks.0.attn.hook_result" not in attr.hooks
 
 
 def test_threads_on_a_bridge(gpt2_bridge):

@@ -8,50 +8,17 @@ they read must be the ones the sweep's rules sit on, whatever the model family c
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
-from typing import Callable, Dict, List, TypeVar
-
-import torch
+from typing import Callable, List, TypeVar
 
 from lens_palrp.hooks.roles import Role
-
-
-def _all_modules(model) -> List[torch.nn.Module]:
-    """``model.modules()`` and, for a TransformerBridge, its Hugging Face model's: the bridge keeps
-    ``original_model`` outside its own module tree, with dropouts only reachable from there."""
-    seen: Dict[int, torch.nn.Module] = {}
-    for root in (model, getattr(model, "original_model", None)):
-        if isinstance(root, torch.nn.Module):
-            for module in root.modules():
-                seen.setdefault(id(module), module)
-    return list(seen.values())
-
-
-@contextmanager
-def evaluating(model):
-    """Eval mode for the analysis' own forwards (as ``explain`` explains the eval-mode model, and
-    TransformerLens 4's patching refuses a model in training mode); every module's flag is put
-    back afterwards, whatever happens."""
-    modes = [(m, m.training) for m in _all_modules(model)]
-    try:
-        if isinstance(model, torch.nn.Module):
-            model.eval()  # a bridge's own eval() also reaches its Hugging Face model
-        for module, _ in modes:
-            module.training = False
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
+from lens_palrp.safety import evaluating
 
 F = TypeVar("F", bound=Callable)
 
 
 def in_eval_mode(fn: F) -> F:
     """``fn(model, ...)`` run under ``evaluating(model)``: its forwards and the ``explain`` calls
-    inside see the eval-mode model, and the caller gets the model back with every flag as it was
-    (``explain`` alone does not restore the flags of a bridge's Hugging Face model, which lies
-    outside ``model.modules()``)."""
+    inside see the eval-mode model, and the caller gets the model back with every flag as it was."""
 
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):

@@ -116,6 +116,16 @@ class TransformerBridgeFamily(HookedTransformerFamily):
             ):
                 raise NotImplementedError(f"block {layer} has no attention with hook_pattern")
 
+    def hook_names(self):
+        """Hook points a hook can be added to: a ``record`` filter must not pick the ones the bridge
+        refuses while their flag is off (``hook_result`` without ``use_attn_result``, the split
+        q/k/v inputs without ``use_split_qkv_input``, ...)."""
+        gated = getattr(self.model, "_gated_hook_reason", None)
+        hooks = self.model.hook_dict
+        if gated is None:
+            return list(hooks)
+        return [name for name, point in hooks.items() if gated(point.name or name) is None]
+
     def _check_verified(self) -> None:
         hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
         model_type = str(getattr(hf_config, "model_type", None) or "unknown")
