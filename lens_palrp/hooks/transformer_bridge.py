@@ -21,8 +21,18 @@ BERT-style encoders (checked on all-MiniLM-L6-v2) differ in three ways, handled 
   (``rebuild_attention``), and the rebuilt z is checked against the model's;
 * attention is bidirectional; post-LN blocks need nothing special (the norm scales are hooked).
 
-Not yet supported on the bridge (``NotImplementedError``): ALiBi architectures, attention or
-output softcaps, q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
+BLOOM (ALiBi, checked on TransformerLens 3.9's and 4.x's ``BloomAttentionBridge``, whose
+``hook_attn_scores`` and ``hook_pattern`` are in the path) gets the HookedTransformer ALiBi rule:
+Hugging Face adds ``m_h j`` to the scores, which differs from the canonical ``m_h (j - i)`` by a
+per-row constant that the softmax ignores but Eq. 16's split does not, so ``alibi_bias`` rebuilds
+the canonical form from the wrapped model's own ``build_alibi_tensor`` (BLOOM's slopes, which for a
+head count that is not a power of two are not TransformerLens' geometric ``2^(-8/n)`` series).
+Hugging Face takes BLOOM's (and Llama's) softmax in float32 whatever the dtype, so a float64 bridge
+conserves up to float32 rounding (~1e-7 of the logit), not to float64's.
+
+Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
+with ``alibi=True``: their bias is added elsewhere and unverified), attention or output softcaps,
+q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
 
 Only architectures whose maps were checked (conservation on bias-free weights, agreement with
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
@@ -39,6 +49,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily, _softcap_on
@@ -54,6 +65,8 @@ except ImportError:  # pragma: no cover - very old TransformerLens
 VERIFIED_ARCHITECTURES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert"}
 )
+# the ALiBi attention whose bias alibi_bias rebuilds and whose hooks were checked in the path
+_VERIFIED_ALIBI = {"bloom": "BloomAttentionBridge"}
 _ALLOW_UNVERIFIED = contextvars.ContextVar("lens_palrp_allow_unverified", default=False)
 
 
@@ -95,7 +108,7 @@ class TransformerBridgeFamily(HookedTransformerFamily):
         self._check_verified()
         cfg = self.cfg
         unsupported = {
-            "ALiBi attention": cfg.positional_embedding_type == "alibi",
+            self._alibi_refusal(): cfg.positional_embedding_type == "alibi" and not self._verified_alibi(),
             "attention softcap (attn_scores_soft_cap)": _softcap_on(cfg.attn_scores_soft_cap),
             "output softcap (output_logits_soft_cap)": _softcap_on(cfg.output_logits_soft_cap),
             "q/k norms (use_qk_norm: their scale has no hook on the bridge)": bool(cfg.use_qk_norm),
@@ -116,6 +129,47 @@ class TransformerBridgeFamily(HookedTransformerFamily):
             ):
                 raise NotImplementedError(f"block {layer} has no attention with hook_pattern")
 
+    def _model_type(self) -> str:
+        hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
+        return str(getattr(hf_config, "model_type", None) or "unknown")
+
+    def _verified_alibi(self) -> bool:
+        """BLOOM through its own attention bridge: the only ALiBi whose bias form is known here."""
+        attention = _VERIFIED_ALIBI.get(self._model_type())
+        blocks = self.model.blocks
+        return attention is not None and all(
+            type(getattr(block, "attn", None)).__name__ == attention for block in blocks
+        )
+
+    def _alibi_refusal(self) -> str:
+        return (
+            f"ALiBi attention of {self._model_type()!r} (verified: BLOOM's BloomAttentionBridge only; "
+            "another model adds its bias in a form alibi_bias does not rebuild)"
+        )
+
+    def alibi_bias(self, layer: int, n_pos: int) -> Tensor:
+        """BLOOM's ALiBi bias in the canonical form ``m_h (j - i)``, ``[heads, query, key]``, float64.
+
+        Hugging Face adds ``m_h j`` (``build_alibi_tensor``: slopes and products in float32, then
+        the model's dtype). The wrapped model's own function builds that row here, and the row's
+        differences are taken in float64, so the bias differs from what the forward added by
+        exactly the per-row constant ``m_h i``: nothing the softmax sees, yet Eq. 16 splits the
+        canonical form. Padded rows are right-aligned, so Hugging Face's mask-derived key
+        positions are ``0 .. n - 1`` as here; pads are masked keys and carry no relevance.
+        """
+        cached = getattr(self, "_alibi", None)
+        if cached is not None and cached.shape[-1] == n_pos:  # every layer shares one bias
+            return cached
+        hf_model = self.model.original_model
+        build = next((m.build_alibi_tensor for m in hf_model.modules() if hasattr(m, "build_alibi_tensor")), None)
+        if build is None:  # pragma: no cover - older transformers keep only the module function
+            from transformers.models.bloom.modeling_bloom import build_alibi_tensor as build
+        device = next(hf_model.parameters()).device
+        mask = torch.ones(1, n_pos, dtype=torch.long, device=device)
+        row = build(mask, self.n_heads, torch.float64).reshape(self.n_heads, n_pos)  # m_h j
+        self._alibi = row[:, None, :] - row[:, :, None]
+        return self._alibi
+
     def hook_names(self):
         """Hook points a hook can be added to: a ``record`` filter must not pick the ones the bridge
         refuses while their flag is off (``hook_result`` without ``use_attn_result``, the split
@@ -128,7 +182,7 @@ class TransformerBridgeFamily(HookedTransformerFamily):
 
     def _check_verified(self) -> None:
         hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
-        model_type = str(getattr(hf_config, "model_type", None) or "unknown")
+        model_type = self._model_type()
         if model_type in VERIFIED_ARCHITECTURES:
             return
         architectures = getattr(hf_config, "architectures", None) or []
