@@ -70,3 +70,23 @@ def tiny_gpt_neox(folder):
     cfg.architectures = ["GPTNeoXForCausalLM"]
     hf = GPTNeoXForCausalLM(cfg).double().eval()
     return hf, boot(save_with_tokenizer(hf, folder))
+
+
+def tiny_bloom(folder, n_heads=4, biases=True):
+    """``(hf_model, bridge)``: 2 layers, ALiBi, embedding LayerNorm, tanh-GELU MLP, biases (zero
+    with ``biases=False``); ``n_heads`` that is not a power of two gets BLOOM's interleaved slopes."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(3)
+    cfg = BloomConfig(vocab_size=18, hidden_size=8 * n_heads, n_layer=2, n_head=n_heads)
+    cfg.architectures = ["BloomForCausalLM"]
+    hf = BloomForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1) if biases else p.zero_()
+            elif "layernorm" in name or "ln_f" in name:
+                p.normal_(1.0, 0.2)
+            else:
+                p.normal_(0, 0.3)
+    return hf, boot(save_with_tokenizer(hf, folder))
