@@ -41,6 +41,21 @@ def _gpt2_config(c, dtype):
     )
 
 
+def _check_bloom_slopes(n_heads: int) -> None:
+    """TransformerLens 3.9 builds other ALiBi slopes than BLOOM for head counts that are not powers
+    of two (the bias differs by up to 4): the HookedTransformer would silently be another model."""
+    from transformer_lens.components import AbstractAttention
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    bloom = build_alibi_tensor(torch.ones(1, 2), n_heads, torch.float32)[:, 0, 1]  # m_h * position 1
+    ours = AbstractAttention.create_alibi_multipliers(n_heads).reshape(-1).float()
+    if not torch.allclose(ours, bloom, rtol=1e-6, atol=0):
+        raise NotImplementedError(
+            f"BLOOM with {n_heads} heads: TransformerLens' ALiBi slopes differ from BLOOM's for this head "
+            "count, so no exact HookedTransformer exists; use lens_palrp.models.bridge_from_folder"
+        )
+
+
 def _bloom_config(c, dtype):
     """BLOOM as TransformerLens 3.x loads it (ALiBi, post-embedding LayerNorm, tanh GELU, d_mlp
     4 * d_model), except ``n_ctx``: ALiBi has no table, so it comes from an ``n_positions`` or
@@ -54,6 +69,7 @@ def _bloom_config(c, dtype):
             "use lens_palrp.models.bridge_from_folder for a TransformerBridge"
         )
 
+    _check_bloom_slopes(c.n_head)
     n_ctx = getattr(c, "n_positions", None) or getattr(c, "seq_length", None) or 2048
     return HookedTransformerConfig(
         d_model=c.hidden_size, d_head=c.hidden_size // c.n_head, n_heads=c.n_head,

@@ -332,6 +332,17 @@ def test_bloom_is_verified_other_alibi_bridges_are_refused(bloom, tmp_path):
         hf.config.architectures = [type(hf).__name__]
         bridge = boot(save_with_tokenizer(hf.double().eval(), tmp_path / model_type))
         assert bridge.cfg.positional_embedding_type == "alibi"
-        with pytest.raises(NotImplementedError, match=f"ALiBi attention of '{model_type}'"):
-            with pytest.warns(UserWarning, match="unverified architecture"):
+        with warnings.catch_warnings():  # refused before the opt-in's "unverified" warning
+            warnings.filterwarnings("error", message=".*unverified.*")
+            with pytest.raises(NotImplementedError, match=f"ALiBi attention of '{model_type}'"):
                 lp.explain(bridge, TOKENS, 3, allow_unverified=True)
+
+
+@needs_hooked
+def test_a_hooked_transformer_with_other_slopes_than_bloom_is_refused(tmp_path):
+    """6 heads: TransformerLens' slopes are not BLOOM's, and the HookedTransformer's logits were
+    26-35% off Hugging Face's; the bridge of the same weights is the exact model."""
+    hf, bridge = tiny_bloom(tmp_path / "b6", n_heads=6)
+    with pytest.raises(NotImplementedError, match="6 heads: TransformerLens' ALiBi slopes differ"):
+        lp.models.hooked_transformer_from_hf(hf)
+    lp.explain(bridge, TOKENS, 3)

@@ -21,22 +21,16 @@ from lens_palrp.analyses import positional_heads_data, positional_heads_figure, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOKED = lp.zoo.hooked_available()
 needs_hooked = pytest.mark.skipif(not HOOKED, reason="HookedTransformer is TransformerLens 3.x only")
-ALIBI_BRIDGE = pytest.mark.xfail(
-    raises=NotImplementedError, strict=False,
-    reason="explaining a BLOOM (ALiBi) TransformerBridge lands with ALiBi support in "
-    "hooks/transformer_bridge.py ('bloom' in VERIFIED_ARCHITECTURES)",
-)
 ARCHITECTURES = {"rope-repeat": "LlamaForCausalLM", "learned-absolute": "GPT2LMHeadModel",
                  "alibi-repeat": "BloomForCausalLM"}
 
 
-def every_model_and_kind(alibi_bridge_marks=()):
+def every_model_and_kind():
     """(name, kind) for every zoo model, as HookedTransformer (3.x only) and as bridge."""
     params = []
     for name in sorted(ARCHITECTURES):
         params.append(pytest.param(name, "hooked", marks=needs_hooked, id=f"{name}-hooked"))
-        marks = alibi_bridge_marks if name == "alibi-repeat" else ()
-        params.append(pytest.param(name, "bridge", marks=marks, id=f"{name}-bridge"))
+        params.append(pytest.param(name, "bridge", id=f"{name}-bridge"))
     return params
 
 
@@ -103,7 +97,7 @@ def test_every_zoo_model_solves_its_task(name, kind):
     assert torch.equal(pred[keep], labels[keep])
 
 
-@pytest.mark.parametrize("name,kind", every_model_and_kind(ALIBI_BRIDGE))
+@pytest.mark.parametrize("name,kind", every_model_and_kind())
 def test_every_zoo_model_pa_lrp_points_at_the_answer(name, kind):
     """Real trained weights of each PE family: the prediction is right, and PA-LRP's maps peak
     at the known relevant position for every example."""

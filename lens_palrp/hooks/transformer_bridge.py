@@ -105,7 +105,6 @@ class TransformerBridgeFamily(HookedTransformerFamily):
         self.rebuild_attention = type(model.blocks[0].attn).__name__ == "AttentionBridge"
 
     def check_supported(self) -> None:
-        self._check_verified()
         cfg = self.cfg
         unsupported = {
             self._alibi_refusal(): cfg.positional_embedding_type == "alibi" and not self._verified_alibi(),
@@ -123,6 +122,7 @@ class TransformerBridgeFamily(HookedTransformerFamily):
             raise NotImplementedError(
                 "lens_palrp cannot explain this TransformerBridge yet: " + "; ".join(bad)
             )
+        self._check_verified()  # after the hard refusals: no "unverified" warning before one
         for layer in range(cfg.n_layers):
             if not hasattr(self.model.blocks[layer], "attn") or not hasattr(
                 self.model.blocks[layer].attn, "hook_pattern"
