@@ -3,6 +3,10 @@
     python benchmarks/speed.py                 # default sizes, CPU
     python benchmarks/speed.py --quick         # one small size (CI smoke run)
     python benchmarks/speed.py --device cuda   # on a GPU, if there is one
+    python benchmarks/speed.py --family bridge # a TransformerBridge of the same Llama-style model
+
+``--family`` defaults to ``hooked`` (HookedTransformer) where TransformerLens 3.x provides it and to
+``bridge`` on TransformerLens 4 (which has only the bridge).
 
 The baseline is what any gradient attribution costs: one forward with the token embeddings as the
 autograd leaf and one backward to them (parameters frozen, like the sweep). Times are interleaved
@@ -38,10 +42,27 @@ QUICK = [(2, 128, 4, 64)]
 METHODS = ["plain", "pa_lrp", "attn_lrp"]
 
 
-def build(layers: int, d_model: int, heads: int, n_ctx: int, device: str):
+def default_family() -> str:
+    import lens_palrp as lp
+
+    return "hooked" if lp.zoo.hooked_available() else "bridge"
+
+
+def build(layers: int, d_model: int, heads: int, n_ctx: int, device: str, family: str = "hooked"):
+    """A random Llama-style model (RoPE, RMSNorm, gated SiLU MLP) of the given size."""
+    torch.manual_seed(0)
+    if family == "bridge":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        import lens_palrp as lp
+
+        hf_cfg = LlamaConfig(vocab_size=1000, hidden_size=d_model, intermediate_size=4 * d_model,
+                             num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=n_ctx)
+        hf_cfg.architectures = ["LlamaForCausalLM"]
+        return lp.models.bridge_from_hf(LlamaForCausalLM(hf_cfg).eval(), lp.zoo.tokenizer(),
+                                        dtype=torch.float32, device=device)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=layers, d_model=d_model, n_heads=heads, d_head=d_model // heads, d_mlp=4 * d_model,
         n_ctx=n_ctx, d_vocab=1000, act_fn="silu", normalization_type="RMS",
@@ -86,9 +107,9 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_size(size, device: str, repeats: int):
+def time_size(size, device: str, repeats: int, family: str):
     layers, d_model, heads, n_tok = size
-    model = build(layers, d_model, heads, n_tok, device)
+    model = build(layers, d_model, heads, n_tok, device, family)
     tokens = torch.randint(0, 1000, (1, n_tok), device=device)
     for m in METHODS:  # warm-up
         run_method(m, model, tokens)
@@ -103,10 +124,10 @@ def time_size(size, device: str, repeats: int):
     return {m: statistics.median(v) for m, v in times.items()}
 
 
-def peak_memory_child(size, method: str, device: str) -> float:
+def peak_memory_child(size, method: str, device: str, family: str) -> float:
     """Runs in a subprocess: bytes of peak memory one call of ``method`` needs."""
     layers, d_model, heads, n_tok = size
-    model = build(layers, d_model, heads, n_tok, device)
+    model = build(layers, d_model, heads, n_tok, device, family)
     tokens = torch.randint(0, 1000, (1, n_tok), device=device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -133,11 +154,11 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(size, method: str, device: str) -> float:
+def peak_memory(size, method: str, device: str, family: str) -> float:
     code = (
         "import sys, json; sys.path.insert(0, %r); import speed; "
-        "print(json.dumps(speed.peak_memory_child(%r, %r, %r)))"
-        % (os.path.dirname(os.path.abspath(__file__)), tuple(size), method, device)
+        "print(json.dumps(speed.peak_memory_child(%r, %r, %r, %r)))"
+        % (os.path.dirname(os.path.abspath(__file__)), tuple(size), method, device, family)
     )
     # large blocks through mmap: freed memory leaves the resident set at once, so the peak
     # resident set tracks the live tensors instead of the allocator's cache
@@ -151,11 +172,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one small size, 3 repeats")
+    parser.add_argument("--family", choices=("hooked", "bridge"), default=None,
+                        help="HookedTransformer or TransformerBridge (default: hooked where TransformerLens 3.x has it)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    family = args.family or default_family()
     sizes = QUICK if args.quick else SIZES
     repeats = 3 if args.quick else args.repeats
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"{family} on {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {repeats}")
     header = (f"{'layers':>6} {'d_model':>7} {'tokens':>6} | {'plain s':>8} {'pa_lrp s':>8} "
               f"{'attn s':>8} | {'pa/plain':>8} {'attn/plain':>10} | {'mem pa/plain':>12} {'mem attn/plain':>14}")
@@ -163,9 +187,9 @@ def main() -> None:
     print("-" * len(header))
     rows = []
     for size in sizes:
-        t = time_size(size, args.device, repeats)
-        mem = {m: peak_memory(size, m, args.device) for m in METHODS}
-        row = dict(size=size, time=t, memory=mem)
+        t = time_size(size, args.device, repeats, family)
+        mem = {m: peak_memory(size, m, args.device, family) for m in METHODS}
+        row = dict(family=family, size=size, time=t, memory=mem)
         rows.append(row)
         print(f"{size[0]:>6} {size[1]:>7} {size[3]:>6} | {t['plain']:>8.3f} {t['pa_lrp']:>8.3f} "
               f"{t['attn_lrp']:>8.3f} | {t['pa_lrp'] / t['plain']:>8.2f} {t['attn_lrp'] / t['plain']:>10.2f} | "
