@@ -75,7 +75,10 @@ def _load(name: str, loader: str):
     import lens_palrp as lp
 
     if name in lp.zoo.MODELS:
-        return lp.zoo.load(name)[0]
+        try:
+            return lp.zoo.load(name, kind=None if loader == "auto" else loader)[0]
+        except ImportError as err:  # --loader hooked on TransformerLens 4
+            raise CliError(f"cannot load {name!r} with --loader {loader}: {_first_line(err)}") from None
     if not os.path.isdir(name):
         raise CliError(f"--model {name!r} is neither a zoo model ({', '.join(lp.zoo.names())}) nor a folder")
     config = os.path.join(name, "config.json")

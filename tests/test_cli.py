@@ -82,3 +82,18 @@ def test_zoo_listing():
     r = run("zoo")
     assert r.returncode == 0
     assert [line.split(":")[0] for line in r.stdout.splitlines()] == lp.zoo.names()
+
+
+@needs_zoo
+def test_loader_applies_to_zoo_models(tmp_path):
+    """--loader used to be ignored for zoo names; hooked is refused in one line where
+    TransformerLens 4 has no HookedTransformer."""
+    base = ["explain", "--model", "rope-repeat", "--prompt", "c h a p", "--target", "k"]
+    bridge = run(*base, "--loader", "bridge", "--out", str(tmp_path / "b.html"))
+    assert bridge.returncode == 0, bridge.stderr
+    hooked = run(*base, "--loader", "hooked", "--out", str(tmp_path / "h.html"))
+    if lp.zoo.hooked_available():
+        assert hooked.returncode == 0, hooked.stderr
+    else:
+        assert hooked.returncode == 2 and len(hooked.stderr.strip().splitlines()) == 1, hooked.stderr
+        assert "--loader hooked" in hooked.stderr
