@@ -11,39 +11,7 @@ import torch
 
 import lens_palrp as lp
 from bridges import tiny_gpt2, tiny_llama
-
-FIELDS = ("semantic", "positional", "positional_input", "heads_by_pos", "mlp", "residual")
-D = dict(rtol=1e-9, atol=1e-11)
-
-
-def pad(rows, side, pad_id=1):
-    """``[batch, pos]`` tokens and mask, ``rows`` padded on ``side`` with ``pad_id``."""
-    n = max(r.numel() for r in rows)
-    tokens = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, r.numel()) if side == "right" else slice(n - r.numel(), n)
-        tokens[i, sl], mask[i, sl] = r, 1
-    return tokens, mask
-
-
-def assert_rows_equal_single_runs(model, rows, batch_attr, target, method, **kwargs):
-    for i, row in enumerate(rows):
-        one = lp.explain(model, row[None], target, method=method, **kwargs)
-        n = row.numel()
-        torch.testing.assert_close(batch_attr.target_value[i], one.target_value[0], **D)
-        assert batch_attr.tokens[i, :n].tolist() == row.tolist()
-        assert batch_attr.str_tokens[i] == one.str_tokens[0]
-        for field in FIELDS:
-            full = getattr(batch_attr, field)[i]
-            torch.testing.assert_close(full[..., :n], getattr(one, field)[0], **D, msg=field)
-            assert float(full[..., n:].abs().sum()) == 0, f"{field}: relevance on a pad"
-        for aggregation in ("relu", "abs"):
-            torch.testing.assert_close(batch_attr.combined(aggregation)[i, :n], one.combined(aggregation)[0], **D)
-
-
-ROWS = [torch.tensor([0, 4, 9, 2, 17, 12, 3, 6, 8]), torch.tensor([0, 4, 9, 2, 17])]
-
+from padding import D, ROWS, assert_rows_equal_single_runs, pad
 
 # ----------------------------------------------------------------------- HookedTransformer
 @pytest.mark.parametrize("side", ["left", "right"])
