@@ -42,12 +42,6 @@ QUICK = [(2, 128, 4, 64)]
 METHODS = ["plain", "pa_lrp", "attn_lrp"]
 
 
-def default_family() -> str:
-    import lens_palrp as lp
-
-    return "hooked" if lp.zoo.hooked_available() else "bridge"
-
-
 def build(layers: int, d_model: int, heads: int, n_ctx: int, device: str, family: str = "hooked"):
     """A random Llama-style model (RoPE, RMSNorm, gated SiLU MLP) of the given size."""
     torch.manual_seed(0)
@@ -176,7 +170,9 @@ def main() -> None:
                         help="HookedTransformer or TransformerBridge (default: hooked where TransformerLens 3.x has it)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    family = args.family or default_family()
+    import lens_palrp as lp
+
+    family = args.family or lp.zoo.default_kind()
     sizes = QUICK if args.quick else SIZES
     repeats = 3 if args.quick else args.repeats
     print(f"{family} on {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
