@@ -85,7 +85,13 @@ def _load(name: str, loader: str):
     if not os.path.exists(config):
         raise CliError(f"--model {name!r} has no config.json: it must be a Hugging Face model folder")
     _check_config(config)
-    _no_progress_bars()
+    with lp.models.quiet_loading():
+        return _load_folder(name, loader)
+
+
+def _load_folder(name: str, loader: str):
+    import lens_palrp as lp
+
     if loader in ("auto", "hooked"):
         try:
             return lp.models.hooked_transformer_from_folder(name)
@@ -113,17 +119,6 @@ def _check_config(path: str) -> None:
         raise CliError(f"cannot read {path}: {err.strerror or err}") from None
     if not isinstance(config, dict):
         raise CliError(f"{path} must hold a JSON object (a Hugging Face config), got a {type(config).__name__}")
-
-
-def _no_progress_bars() -> None:
-    """transformers draws a "Loading weights" progress bar on stderr while a folder loads, so an
-    error after the load was not the one line on stderr that every CLI error is. The folders the
-    CLI loads are local: there is no download to watch."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    hf_logging.disable_progress_bar()
 
 
 def _check_verified(model, allowed: bool) -> None:

@@ -8,10 +8,29 @@ TransformerLens' own converters; ``bridge_from_folder`` boots a ``TransformerBri
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional
 
 import torch
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No "Loading weights" progress bar on stderr while a local folder loads (restored afterwards):
+    there is no download to watch, and the CLI's errors must stay one line on stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _llama_config(c, dtype):

@@ -13,7 +13,6 @@ with the command that retrains it (``python -m lens_palrp.zoo.train NAME``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Dict, List, Optional, Tuple
@@ -171,32 +170,15 @@ def load(name: str, kind: Optional[str] = None, dtype=torch.float32) -> Tuple[ob
                 "use kind='bridge' (or kind=None) for a TransformerBridge, or install transformer-lens 3.9 "
                 "(pip install -c constraints.txt -e .)"
             )
-        with _quiet_loading():
+        with models.quiet_loading():
             model = models.hooked_transformer_from_folder(path, dtype=dtype)
     else:
-        with _quiet_loading():
+        with models.quiet_loading():
             model = models.bridge_from_folder(path, dtype=dtype)
         # the zoo's tasks start with <bos>; TransformerLens' BLOOM adapter assumes no BOS
         model.cfg.default_prepend_bos = True
     model.eval()
     return model, model.tokenizer
-
-
-@contextlib.contextmanager
-def _quiet_loading():
-    """No "Loading weights" progress bar on stderr for a local folder (restored afterwards)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def task(name: str):
