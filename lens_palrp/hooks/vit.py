@@ -490,9 +490,7 @@ class ViTFamily(HookedTransformerFamily):
         """The grid facts for ``attr.vision`` and the pixel relevance for ``attr.pixels``, from the
         relevance of ``hook_embed`` ``[batch, positions, d_model]``. No graph is built: the patch
         weights require grad again once the sweep has restored them."""
-        if rule == "gamma":  # epsilon ignores gamma
-            check_gamma(gamma)
-        gamma = float(gamma) if rule == "gamma" else 0.0
+        gamma = float(gamma) if rule == "gamma" else 0.0  # checked by the engine before the sweep
         facts = {"grid": [self.grid, self.grid], "patch_size": self.cfg.patch_size, "n_prefix": self.n_prefix,
                  "image_size": [self.cfg.image_size] * 2, "patch_rule": rule, "gamma": gamma}
         with torch.no_grad():
