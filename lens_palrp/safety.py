@@ -2,8 +2,8 @@
 
 A sweep changes the model for its duration: parameters are frozen (the embeddings become the
 autograd leaves), every module is put in eval mode (dropout off: an explanation is of the
-deterministic model), the family may switch a config flag (grouped-query attention ungrouped on a
-HookedTransformer) and hooks are added. ``model_left_unchanged`` takes one call at a time per
+deterministic model), canonizers may switch a config flag (grouped-query attention ungrouped on a
+HookedTransformer; they undo it themselves, ``lens_palrp.canonizers``) and hooks are added. ``model_left_unchanged`` takes one call at a time per
 model (a second thread waits; a call from inside a running sweep on the same model is refused,
 since it would see the first sweep's hooks) and restores every piece of state even when the sweep
 or one restore step raises.
@@ -77,9 +77,9 @@ def evaluating(model):
 
 
 @contextmanager
-def model_left_unchanged(model, family):
-    """Freeze parameters and switch to eval for the sweep; restore ``requires_grad``, ``.grad``,
-    every module's training flag and the family's config changes afterwards, whatever happens."""
+def model_left_unchanged(model):
+    """Freeze parameters and switch to eval for the sweep; restore ``requires_grad``, ``.grad``
+    and every module's training flag afterwards, whatever happens."""
     with exclusive(model):
         check_usable(model)
         params = list(model.parameters())
@@ -89,8 +89,7 @@ def model_left_unchanged(model, family):
             with evaluating(model):
                 for p in params:
                     p.requires_grad_(False)
-                with family.prepared():
-                    yield
+                yield
         finally:
             _restore(params, requires, grads)
 

@@ -18,7 +18,7 @@ from lens_palrp import analyses as an
 from lens_palrp.analyses import faithfulness as fa
 from lens_palrp.analyses.common import layer_hooks
 from lens_palrp.hooks import family_for
-from lens_palrp.hooks.roles import Role
+from lens_palrp.roles import Role
 
 pytest.importorskip("transformer_lens.model_bridge")
 

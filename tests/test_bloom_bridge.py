@@ -19,7 +19,7 @@ import lens_palrp as lp
 from bridges import boot, save_with_tokenizer, tiny_bloom
 from padding import ROWS, assert_rows_equal_single_runs, pad
 from lens_palrp.hooks import family_for
-from lens_palrp.hooks.roles import Role
+from lens_palrp.roles import Role
 
 pytest.importorskip("transformer_lens.model_bridge")
 from transformer_lens.model_bridge.generalized_components.bloom_attention import (  # noqa: E402

@@ -85,7 +85,7 @@ def test_every_hook_the_sweep_patches_is_in_the_computation_path(arch, llama, gp
     """A rule installed on an observer-only hook would silently do nothing: every hook whose
     output the sweep replaces must change the model's output when perturbed."""
     from lens_palrp.hooks import family_for
-    from lens_palrp.hooks.roles import Role
+    from lens_palrp.roles import Role
 
     _, bridge = llama if arch == "llama" else gpt2
     roles = family_for(bridge).hook_roles()

@@ -37,7 +37,7 @@ def test_gemma_predicts_and_conserves(gemma):
 
 def test_gemma_hooks_in_the_computation_path(gemma):
     from lens_palrp.hooks import family_for
-    from lens_palrp.hooks.roles import Role
+    from lens_palrp.roles import Role
 
     toks = gemma.to_tokens("The capital of France is")
     roles = family_for(gemma).hook_roles()

@@ -100,7 +100,7 @@ def test_pa_and_attn_lrp_token_maps_agree_for_learned_pe(bridge):
 
 def test_every_patched_hook_is_in_the_computation_path(bridge):
     from lens_palrp.hooks import family_for
-    from lens_palrp.hooks.roles import Role
+    from lens_palrp.roles import Role
 
     toks = bridge.to_tokens([A])
     roles = family_for(bridge).hook_roles()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 from typing import Callable, List, TypeVar
 
-from lens_palrp.hooks.roles import Role
+from transformer_lens.utilities import get_act_name
+
+from lens_palrp.roles import Role
 from lens_palrp.safety import evaluating
 
 F = TypeVar("F", bound=Callable)
@@ -28,8 +30,8 @@ def in_eval_mode(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# TransformerLens' patching utilities name what they patch with ``utils.get_act_name``
-_PATCHED = {Role.Z: "blocks.{layer}.attn.hook_z", Role.RESID_PRE: "blocks.{layer}.hook_resid_pre"}
+# TransformerLens' patching utilities name what they patch with ``get_act_name``
+_PATCHED = {Role.Z: "z", Role.RESID_PRE: "resid_pre"}
 
 
 def layer_hooks(family, role: Role) -> List[str]:
@@ -46,7 +48,7 @@ def layer_hooks(family, role: Role) -> List[str]:
         name = by_layer.get(layer)
         if name is None:
             raise NotImplementedError(f"{family.name}: no hook plays the role '{role.value}' in layer {layer}")
-        expected = _PATCHED.get(role, name).format(layer=layer)
+        expected = get_act_name(_PATCHED[role], layer) if role in _PATCHED else name
         if name != expected:
             raise NotImplementedError(
                 f"{family.name}: the sweep hooks {name!r} where TransformerLens' patching utilities patch "

@@ -10,13 +10,13 @@ refused: explain hidden states (``lp.at_hook``, ``lp.explain_similarity``).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Dict, Optional
 
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily
-from lens_palrp.hooks.roles import HookRole, Role
+from lens_palrp.roles import HookRole, Role
 
 try:
     from transformer_lens import HookedEncoder
@@ -30,21 +30,20 @@ def is_hooked_encoder(model) -> bool:
 
 class HookedEncoderFamily(HookedTransformerFamily):
     name = "HookedEncoder"
-    causal = False
-    logits_supported = False
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.causal = False
+        self.logits_supported = False  # the MLM head's activation has no hook
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.cfg.positional_embedding_type != "standard":
             raise NotImplementedError("HookedEncoder with a non-learned position embedding")
 
-    @contextmanager
-    def prepared(self):
-        yield  # BERT has no grouped-query attention to ungroup
-
     @property
     def final_hidden_hook(self) -> str:
-        return f"blocks.{self.n_layers - 1}.hook_normalized_resid_post"
+        return get_act_name("normalized_resid_post", self.n_layers - 1)
 
     def hook_roles(self) -> Dict[str, HookRole]:
         roles = super().hook_roles()

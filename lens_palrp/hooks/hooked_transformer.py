@@ -1,28 +1,33 @@
-"""TransformerLens ``HookedTransformer``: which hook point gets which rule.
+"""TransformerLens ``HookedTransformer``: which hook point plays which role.
 
 Every non-linear or multiplicative node of a HookedTransformer block sits next to a hook point,
-so the LRP rules can be installed from the hooks alone, without touching the modules:
+so the rules can be installed from the hooks alone, without touching the modules (the rule of
+each role is the method's, ``lens_palrp.methods``):
 
-* ``ln*.hook_scale`` (and ``q_norm`` / ``k_norm``) -> detached scale (identity rule on the norm);
-* ``mlp.hook_pre`` / ``hook_pre_linear`` / ``hook_mid`` / ``hook_post`` -> identity rule on the
-  activation and the uniform rule on the gated product;
-* ``attn.hook_q`` / ``hook_k`` or ``hook_rot_q`` / ``hook_rot_k`` -> uniform rule on ``Q K^T``
-  (and, for RoPE, the PA-LRP split between content and rotation);
-* ``attn.hook_v`` / ``hook_pattern`` -> uniform rule on ``A V``;
-* ``attn.hook_attn_scores`` -> identity rule on the attention softcap;
+* ``ln*.hook_scale`` (and ``q_norm`` / ``k_norm``) -> ``NORM_SCALE``;
+* ``mlp.hook_pre`` / ``hook_pre_linear`` / ``hook_mid`` / ``hook_post`` -> the activation's input
+  and output (``MLP_POST``), a gated product (``MLP_GATED``) or SoLU-LN's pair (``MLP_MID``);
+* ``attn.hook_q`` / ``hook_k`` or ``hook_rot_q`` / ``hook_rot_k`` -> the two factors of ``Q K^T``;
+* ``attn.hook_v`` / ``hook_pattern`` -> the two factors of ``A V``;
+* ``attn.hook_attn_scores`` -> the attention softcap;
 * ``hook_embed`` / ``hook_pos_embed`` -> the semantic and input-positional sinks.
+
+Names come from ``transformer_lens.utilities.get_act_name``, as TransformerLens spells them.
 
 Options whose computation has no hook around it raise ``NotImplementedError`` naming the option.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import abc
 from typing import Callable, Dict, Optional, Tuple
 
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
-from lens_palrp.hooks.roles import HookRole, Role
+from lens_palrp.canonizers import UngroupKeyValueHeads
+from lens_palrp.hooks.base import TextFamily
+from lens_palrp.roles import HookRole, Role
 
 try:  # TransformerLens 3.x; 4.x removed HookedTransformer
     from transformer_lens import HookedTransformer
@@ -38,49 +43,145 @@ def is_hooked_transformer(model) -> bool:
     return HookedTransformer is not None and isinstance(model, HookedTransformer)
 
 
-class HookedTransformerFamily:
-    """Adapter between the engine and one ``HookedTransformer`` instance."""
+def hooked_transformer_roles(family) -> Dict[str, HookRole]:
+    """The role of every hook point of the HookedTransformer block layout, from the family's facts
+    (``pe_type``, ``gated_mlp``, ``activation_has_norm``, ``attn_only``, the softcaps)."""
+    roles: Dict[str, HookRole] = {"hook_embed": HookRole(Role.EMBED)}
+    if family.pe_type in ("standard", "shortformer"):
+        roles["hook_pos_embed"] = HookRole(Role.POS_EMBED)
+    for name, _ in family.model.hook_dict.items():
+        if name.endswith("hook_scale"):
+            layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
+            roles[name] = HookRole(Role.NORM_SCALE, layer)
+    if family.activation_has_norm:
+        mlp_output = Role.MLP_NORMED_POST  # the activation's rule sits at hook_mid
+    else:
+        mlp_output = Role.MLP_GATED if family.gated_mlp else Role.MLP_POST
+    for layer in range(family.n_layers):
+        def at(role: Role, hook: str) -> None:
+            roles[get_act_name(hook, layer)] = HookRole(role, layer)
 
-    name = "HookedTransformer"
-    ungroups_kv = True  # GQA keys are ungrouped for the sweep (see prepared())
-    rebuild_attention = False  # hook_pattern is in the computation path
-    causal = True
-    logits_supported = True
+        at(Role.RESID_PRE, "resid_pre")
+        if family.pe_type == "rotary":
+            at(Role.ROT_Q, "rot_q")
+            at(Role.ROT_K, "rot_k")
+        else:
+            at(Role.Q, "q")
+            at(Role.K, "k")
+        at(Role.V, "v")
+        if family.attn_softcap is not None:
+            at(Role.SCORES, "attn_scores")
+        at(Role.PATTERN, "pattern")
+        at(Role.Z, "z")
+        if not family.attn_only:
+            at(Role.MLP_PRE, "pre")
+            if family.gated_mlp:
+                at(Role.MLP_UP, "pre_linear")
+            if family.activation_has_norm:
+                at(Role.MLP_MID, "mid")
+            at(mlp_output, "post")
+    roles[get_act_name("resid_post", family.n_layers - 1)] = HookRole(Role.RESID_FINAL)
+    if family.output_softcap is not None:
+        roles["unembed.hook_out"] = HookRole(Role.LOGITS)
+    return roles
 
-    @property
-    def final_hidden_hook(self) -> str:
-        """The hook holding the last block's output (what a sentence encoder pools)."""
-        return f"blocks.{self.n_layers - 1}.hook_resid_post"
+
+class TransformerLensFamily(TextFamily):
+    """What every TransformerLens-configured model shares: the facts in ``model.cfg`` and the
+    ``HookedTransformer`` hook layout (the bridge and ``HookedEncoder`` use the same names)."""
+
+    name = "TransformerLens"
 
     def __init__(self, model):
         self.model = model
         self.cfg = model.cfg
         self.check_supported()
         cfg = self.cfg
-        self.n_layers: int = cfg.n_layers
-        self.n_heads: int = cfg.n_heads
-        self.d_head: int = cfg.d_head
-        self.n_ctx: int = cfg.n_ctx
-        self.d_vocab_out: int = cfg.d_vocab_out
-        self.d_vocab: int = cfg.d_vocab  # token ids the embedding accepts
-        self.pe_type: str = cfg.positional_embedding_type
-        self.rotary_dim: Optional[int] = cfg.rotary_dim if self.pe_type == "rotary" else None
-        self.rotary_adjacent_pairs: bool = bool(cfg.rotary_adjacent_pairs)
-        self.n_kv_heads: Optional[int] = (
+        self.n_layers = cfg.n_layers
+        self.n_heads = cfg.n_heads
+        self.d_head = cfg.d_head
+        self.n_ctx = cfg.n_ctx
+        self.d_vocab_out = cfg.d_vocab_out
+        self.d_vocab = cfg.d_vocab
+        self.pe_type = cfg.positional_embedding_type
+        self.rotary_dim = cfg.rotary_dim if self.pe_type == "rotary" else None
+        self.rotary_adjacent_pairs = bool(cfg.rotary_adjacent_pairs)
+        self.n_kv_heads = (
             cfg.n_key_value_heads
             if cfg.n_key_value_heads is not None and cfg.n_key_value_heads != cfg.n_heads
             else None
         )
-        self.gated_mlp: bool = bool(cfg.gated_mlp)
+        self.gated_mlp = bool(cfg.gated_mlp)
         # SoLU-LN style: a LayerNorm between the activation (hook_mid) and hook_post
-        self.activation_has_norm: bool = bool(cfg.act_fn and cfg.act_fn.endswith("_ln"))
-        self.attn_only: bool = bool(cfg.attn_only)
+        self.activation_has_norm = bool(cfg.act_fn and cfg.act_fn.endswith("_ln"))
+        self.attn_only = bool(cfg.attn_only)
         self.attn_softcap = cfg.attn_scores_soft_cap if _softcap_on(cfg.attn_scores_soft_cap) else None
         self.output_softcap = (
             cfg.output_logits_soft_cap if _softcap_on(cfg.output_logits_soft_cap) else None
         )
+        self.causal = getattr(cfg, "attention_dir", "causal") == "causal"
+        self.logits_supported = True
+        self.score_roles = (Role.ROT_Q, Role.ROT_K) if self.pe_type == "rotary" else (Role.Q, Role.K)
 
-    # ------------------------------------------------------------------ support checks
+    @abc.abstractmethod
+    def check_supported(self) -> None:
+        """Raise ``NotImplementedError`` naming any option whose rule cannot be installed."""
+
+    @property
+    def final_hidden_hook(self) -> str:
+        return get_act_name("resid_post", self.n_layers - 1)
+
+    # ------------------------------------------------------------------ hook layout
+    def hook_roles(self) -> Dict[str, HookRole]:
+        return hooked_transformer_roles(self)
+
+    def has_hook(self, name: str) -> bool:
+        return name in self.model.hook_dict
+
+    def hook_names(self):
+        return list(self.model.hook_dict)
+
+    # ------------------------------------------------------------------ model facts
+    def activation(self, layer: int) -> Callable[[Tensor], Tensor]:
+        return self.model.blocks[layer].mlp.act_fn
+
+    def attn_scale(self, layer: int) -> float:
+        return float(self.model.blocks[layer].attn.attn_scale)
+
+    def attention_sinks(self, layer: int) -> Optional[Tensor]:
+        """Learned per-head sink logits ``[heads]`` that join the softmax (GPT-OSS), or None."""
+        if not getattr(self.cfg, "use_attention_sinks", False):
+            return None
+        return self.model.blocks[layer].attn.sinks
+
+    # ------------------------------------------------------------------ running
+    def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            return self.model(tokens, attention_mask=attention_mask, return_type="logits")
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def to_tokens(self, text: str, prepend_bos: Optional[bool]) -> Tensor:
+        kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+        return self.model.to_tokens(text, truncate=False, **kwargs)[0]  # too long: the caller refuses
+
+    def to_str_tokens(self, tokens: Tensor):
+        if self.model.tokenizer is None:
+            return [str(int(t)) for t in tokens]
+        return self.model.to_str_tokens(tokens)
+
+    def to_single_token(self, text: str) -> int:
+        return int(self.model.to_single_token(text))
+
+
+class HookedTransformerFamily(TransformerLensFamily):
+    """Adapter between the engine and one ``HookedTransformer`` instance."""
+
+    name = "HookedTransformer"
+
     def check_supported(self) -> None:
         """Raise ``NotImplementedError`` naming any option whose rule cannot be installed."""
         cfg = self.cfg
@@ -120,54 +221,9 @@ class HookedTransformerFamily:
                 f"positional_embedding_type={cfg.positional_embedding_type!r} is not supported"
             )
 
-    # ------------------------------------------------------------------ hook layout
-    def hook_roles(self) -> Dict[str, HookRole]:
-        """Map every hook point the sweep uses to its role."""
-        roles: Dict[str, HookRole] = {"hook_embed": HookRole(Role.EMBED)}
-        if self.pe_type in ("standard", "shortformer"):
-            roles["hook_pos_embed"] = HookRole(Role.POS_EMBED)
-        for name, _ in self.model.hook_dict.items():
-            if name.endswith("hook_scale"):
-                layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
-                roles[name] = HookRole(Role.NORM_SCALE, layer)
-        for layer in range(self.n_layers):
-            b = f"blocks.{layer}"
-            roles[f"{b}.hook_resid_pre"] = HookRole(Role.RESID_PRE, layer)
-            if self.pe_type == "rotary":
-                roles[f"{b}.attn.hook_rot_q"] = HookRole(Role.ROT_Q, layer)
-                roles[f"{b}.attn.hook_rot_k"] = HookRole(Role.ROT_K, layer)
-            else:
-                roles[f"{b}.attn.hook_q"] = HookRole(Role.Q, layer)
-                roles[f"{b}.attn.hook_k"] = HookRole(Role.K, layer)
-            roles[f"{b}.attn.hook_v"] = HookRole(Role.V, layer)
-            if self.attn_softcap is not None:
-                roles[f"{b}.attn.hook_attn_scores"] = HookRole(Role.SCORES, layer)
-            roles[f"{b}.attn.hook_pattern"] = HookRole(Role.PATTERN, layer)
-            roles[f"{b}.attn.hook_z"] = HookRole(Role.Z, layer)
-            if not self.attn_only:
-                roles[f"{b}.mlp.hook_pre"] = HookRole(Role.MLP_PRE, layer)
-                if self.gated_mlp:
-                    roles[f"{b}.mlp.hook_pre_linear"] = HookRole(Role.MLP_UP, layer)
-                if self.activation_has_norm:
-                    roles[f"{b}.mlp.hook_mid"] = HookRole(Role.MLP_MID, layer)
-                roles[f"{b}.mlp.hook_post"] = HookRole(Role.MLP_POST, layer)
-        roles[f"blocks.{self.n_layers - 1}.hook_resid_post"] = HookRole(Role.RESID_FINAL)
-        if self.output_softcap is not None:
-            roles["unembed.hook_out"] = HookRole(Role.LOGITS)
-        return roles
-
-    def has_hook(self, name: str) -> bool:
-        return name in self.model.hook_dict
-
-    def hook_names(self):
-        return list(self.model.hook_dict)
-
-    # ------------------------------------------------------------------ model facts
-    def activation(self, layer: int) -> Callable[[Tensor], Tensor]:
-        return self.model.blocks[layer].mlp.act_fn
-
-    def attn_scale(self, layer: int) -> float:
-        return float(self.model.blocks[layer].attn.attn_scale)
+    def canonizers(self):
+        """Grouped-query attention is ungrouped for the sweep: every query head owns its key copy."""
+        return [UngroupKeyValueHeads()] if self.n_kv_heads is not None else []
 
     def rotary_tables(self, layer: int, n_pos: int, attention_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """cos and sin ``[batch or 1, pos, 1, rotary_dim]`` exactly as the forward used them."""
@@ -193,53 +249,7 @@ class HookedTransformerFamily:
         device = self.model.blocks[layer].attn.IGNORE.device
         return AbstractAttention.create_alibi_bias(self.n_heads, n_pos, device)
 
-    def attention_sinks(self, layer: int) -> Optional[Tensor]:
-        """Learned per-head sink logits ``[heads]`` that join the softmax (GPT-OSS), or None."""
-        if not getattr(self.cfg, "use_attention_sinks", False):
-            return None
-        return self.model.blocks[layer].attn.sinks
-
     def shortformer_projections(self, layer: int) -> Tuple[Tensor, Tensor]:
         """``W_Q`` and ``W_K`` ``[heads, d_model, d_head]`` (keys ungrouped for GQA)."""
         attn = self.model.blocks[layer].attn
         return attn.W_Q, attn.W_K
-
-    def fold_kv(self, name: str, relevance: Tensor) -> Tensor:
-        """Sum the ungrouped copies of a shared key/value head back to the model's grouping."""
-        if self.n_kv_heads is None or not name.endswith(("hook_k", "hook_v", "hook_rot_k")):
-            return relevance
-        b, p, h, d = relevance.shape
-        return relevance.reshape(b, p, self.n_kv_heads, h // self.n_kv_heads, d).sum(3)
-
-    # ------------------------------------------------------------------ running
-    @contextmanager
-    def prepared(self):
-        """Ungroup grouped-query attention for the sweep (so every query head owns its key copy)."""
-        previous = self.cfg.ungroup_grouped_query_attention
-        try:
-            if self.n_kv_heads is not None:
-                self.model.set_ungroup_grouped_query_attention(True)
-            yield
-        finally:
-            self.model.set_ungroup_grouped_query_attention(previous)
-
-    def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
-            return self.model(tokens, attention_mask=attention_mask, return_type="logits")
-
-    # ------------------------------------------------------------------ tokens
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
-    def to_tokens(self, text: str, prepend_bos: Optional[bool]) -> Tensor:
-        kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-        return self.model.to_tokens(text, truncate=False, **kwargs)[0]  # too long: the caller refuses
-
-    def to_str_tokens(self, tokens: Tensor):
-        if self.model.tokenizer is None:
-            return [str(int(t)) for t in tokens]
-        return self.model.to_str_tokens(tokens)
-
-    def to_single_token(self, text: str) -> int:
-        return int(self.model.to_single_token(text))

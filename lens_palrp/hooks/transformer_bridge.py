@@ -9,7 +9,7 @@ HookedTransformer one; what differs is where the model facts live:
 * the RoPE tables are read where the forward uses them, at ``attn.hook_cos`` / ``attn.hook_sin``;
 * the activation and the score scale come from the wrapped Hugging Face modules;
 * grouped-query attention cannot be ungrouped: the key side of a shared kv head is credited to
-  each query head from that head's score gradient, exactly (``engine._gqa_key_sink``).
+  each query head from that head's score gradient, exactly (``lens_palrp.positional.rope``).
 
 BERT-style encoders (checked on all-MiniLM-L6-v2) differ in three ways, handled here:
 
@@ -17,8 +17,9 @@ BERT-style encoders (checked on all-MiniLM-L6-v2) differ in three ways, handled 
   and token-type embeddings (``embed.hook_out``, ``pos_embed.hook_out``,
   ``token_type_embed.hook_out``), which the embedding LayerNorm (``embed_ln.hook_scale``) joins;
 * attention is delegated to Hugging Face and ``hook_pattern`` only observes the weights, so the
-  attention is rebuilt at ``hook_z`` from the in-path q, k, v with the rules installed
-  (``rebuild_attention``), and the rebuilt z is checked against the model's;
+  attention is rebuilt at ``hook_z`` from the in-path q, k, v with the rules installed (the
+  ``lens_palrp.canonizers.RebuildAttention`` canonizer), and the rebuilt z is checked against the
+  model's;
 * attention is bidirectional; post-LN blocks need nothing special (the norm scales are hooked).
 
 BLOOM (ALiBi, checked on TransformerLens 3.9's and 4.x's ``BloomAttentionBridge``, whose
@@ -52,8 +53,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily, _softcap_on
-from lens_palrp.hooks.roles import HookRole, Role
+from lens_palrp.canonizers import RebuildAttention
+from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
+from lens_palrp.roles import HookRole, Role
 
 try:
     from transformer_lens.model_bridge import TransformerBridge
@@ -85,11 +87,13 @@ def is_transformer_bridge(model) -> bool:
     return TransformerBridge is not None and isinstance(model, TransformerBridge)
 
 
-class TransformerBridgeFamily(HookedTransformerFamily):
-    """Adapter between the engine and one decoder ``TransformerBridge``."""
+class TransformerBridgeFamily(TransformerLensFamily):
+    """Adapter between the engine and one ``TransformerBridge`` (decoders and BERT encoders).
+
+    Keys and values of grouped-query attention stay grouped: the RoPE strategy credits the key
+    side per query head through the score gradients."""
 
     name = "TransformerBridge"
-    ungroups_kv = False  # keys stay grouped: GQA crediting goes through the score gradients
 
     def __init__(self, model):
         hf_config = getattr(getattr(model, "original_model", None), "config", None)
@@ -102,7 +106,10 @@ class TransformerBridgeFamily(HookedTransformerFamily):
         self.causal = not self.encoder
         self.logits_supported = not self.encoder  # the MLM head's activation has no hook
         # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
-        self.rebuild_attention = type(model.blocks[0].attn).__name__ == "AttentionBridge"
+        self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
+
+    def canonizers(self):
+        return [RebuildAttention()] if self.pattern_observed_only else []
 
     def check_supported(self) -> None:
         cfg = self.cfg
@@ -208,9 +215,6 @@ class TransformerBridgeFamily(HookedTransformerFamily):
             roles["embed.hook_out"] = HookRole(Role.EMBED)
             roles["pos_embed.hook_out"] = HookRole(Role.POS_EMBED)
             roles["token_type_embed.hook_out"] = HookRole(Role.TOKEN_TYPE)
-        if self.rebuild_attention:  # hook_pattern only observes there
-            for layer in range(self.n_layers):
-                roles.pop(f"blocks.{layer}.attn.hook_pattern", None)
         missing = [name for name in roles if name not in self.model.hook_dict]
         if missing:
             raise NotImplementedError(
@@ -243,16 +247,6 @@ class TransformerBridgeFamily(HookedTransformerFamily):
             if isinstance(scaling, (int, float)):
                 return 1.0 / float(scaling)
         return float(self.d_head) ** 0.5
-
-    def rotary_tables(self, layer: int, n_pos: int, attention_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        raise AssertionError("the bridge's RoPE tables are captured at attn.hook_cos / hook_sin")
-
-    def fold_kv(self, name: str, relevance: Tensor) -> Tensor:
-        return relevance  # keys and values are never ungrouped on the bridge
-
-    @contextmanager
-    def prepared(self):
-        yield
 
     def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
         with warnings.catch_warnings():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -28,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lens_palrp import rules
-from lens_palrp.hooks.hooked_transformer import HookedTransformerFamily
+from lens_palrp.hooks.base import ModelFamily, PreparedInput
+from lens_palrp.hooks.hooked_transformer import hooked_transformer_roles
+from lens_palrp.roles import HookRole, Role
 
 try:  # TransformerLens 4.x exports it at the top level; 3.x from hook_points
     from transformer_lens import HookedRootModule
@@ -412,19 +413,15 @@ def is_hooked_vit(model) -> bool:
     return cfg is not None and hooks is not None and hasattr(cfg, "patch_size") and all(h in hooks for h in VIT_HOOKS)
 
 
-class ViTFamily(HookedTransformerFamily):
-    """Adapter between the engine and a ``HookedViT``: HookedTransformer's rule map on the blocks,
-    images in, class logits out, patch-grid and pixel maps on top."""
+class ViTFamily(ModelFamily):
+    """Adapter between the engine and a ``HookedViT``: HookedTransformer's role map on the blocks,
+    images in, class logits (on [CLS]) out, patch-grid and pixel maps on top. Its own ``explain``
+    options: ``patch_rule`` (``"gamma"``, the default, or ``"epsilon"``) and ``gamma`` (0.25)."""
 
     name = "HookedViT"
-    ungroups_kv = False
-    rebuild_attention = False
-    causal = False
-    logits_supported = True
-    vision = True
-    check_gamma = staticmethod(check_gamma)  # the engine checks it before the sweep
+    options = ("patch_rule", "gamma")
 
-    def __init__(self, model):  # noqa: super().__init__ reads a HookedTransformerConfig; set the facts here
+    def __init__(self, model):
         self.model = model
         cfg = self.cfg = model.cfg
         if not isinstance(model, HookedViT):
@@ -434,21 +431,41 @@ class ViTFamily(HookedTransformerFamily):
         self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
         self.d_head = cfg.d_model // cfg.n_heads
         self.n_ctx = cfg.n_ctx if hasattr(cfg, "n_ctx") else (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.d_vocab = self.n_ctx  # position ids stand in for tokens
         self.d_vocab_out = cfg.n_classes
         self.pe_type = "standard"
         self.rotary_dim, self.rotary_adjacent_pairs, self.n_kv_heads = None, False, None
         self.gated_mlp = self.activation_has_norm = self.attn_only = False
         self.attn_softcap = self.output_softcap = None
+        self.causal = False
+        self.logits_supported = True
+        self.score_roles = (Role.Q, Role.K)
         self.n_prefix = getattr(cfg, "n_prefix", 1)
         self.grid = cfg.image_size // cfg.patch_size
 
-    @contextmanager
-    def prepared(self):
-        yield
+    # ------------------------------------------------------------------ hooks and forward
+    def hook_roles(self) -> Dict[str, HookRole]:
+        return hooked_transformer_roles(self)
+
+    def hook_names(self) -> List[str]:
+        return list(self.model.hook_dict)
+
+    def has_hook(self, name: str) -> bool:
+        return name in self.model.hook_dict
+
+    @property
+    def final_hidden_hook(self) -> str:
+        return f"blocks.{self.n_layers - 1}.hook_resid_post"
 
     def forward(self, images: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
         with self.model.hooks(fwd_hooks=fwd_hooks):
             return self.model(images)
+
+    def attn_scale(self, layer: int) -> float:
+        return float(self.model.blocks[layer].attn.attn_scale)
+
+    def activation(self, layer: int):
+        return self.model.blocks[layer].mlp.act_fn
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -465,8 +482,12 @@ class ViTFamily(HookedTransformerFamily):
         prefix = ["[CLS]", "[DIST]"][: self.n_prefix]
         return prefix + [f"r{r}c{c}" for r in range(self.grid) for c in range(self.grid)]
 
-    def prepare_inputs(self, images, device) -> Tuple[Tensor, Tensor, List[List[str]]]:
-        """Images checked and moved; position ids standing in for tokens; position names."""
+    def prepare(self, images, attention_mask, prepend_bos, position, device) -> PreparedInput:
+        """Images checked and moved; position ids standing in for tokens; the logits on [CLS]."""
+        if attention_mask is not None:
+            raise ValueError("attention_mask does not apply to images")
+        if isinstance(position, bool) or not (isinstance(position, numbers.Integral) and int(position) in (-1, 0)):
+            raise ValueError("position does not apply to image classifiers: the logits sit on [CLS]")
         dtype = next(self.model.parameters()).dtype
         if isinstance(images, Tensor) and images.ndim == 3:
             images = images[None]
@@ -481,8 +502,27 @@ class ViTFamily(HookedTransformerFamily):
         if images.dtype != dtype:  # float precision differs: harmless to convert
             images = images.to(dtype)
         images = images.to(device)
-        positions = torch.arange(self.n_ctx, device=device)[None].expand(images.shape[0], -1).clone()
-        return images, positions, [self.position_names() for _ in range(images.shape[0])]
+        batch = images.shape[0]
+        positions = torch.arange(self.n_ctx, device=device)[None].expand(batch, -1).clone()
+        return PreparedInput(images, positions, None, [self.position_names() for _ in range(batch)],
+                             torch.zeros(batch, dtype=torch.long))
+
+    def resolve_options(self, options):
+        """``patch_rule`` and ``gamma`` checked before the sweep, defaults filled in."""
+        patch_rule = options.get("patch_rule") or "gamma"
+        gamma = options.get("gamma")
+        gamma = 0.25 if gamma is None else gamma
+        if patch_rule not in PATCH_RULES:
+            raise ValueError(f"patch_rule must be 'gamma' or 'epsilon', got {patch_rule!r}")
+        if patch_rule == "gamma":
+            check_gamma(gamma)
+        return {"patch_rule": patch_rule, "gamma": gamma}
+
+    def finish(self, attr, prepared: PreparedInput, sink_relevance, options):
+        """The grid facts (``attr.vision``) and the patch rule's pixel relevance (``attr.pixels``)."""
+        attr.vision, attr.pixels = self.vision_outputs(prepared.inputs.detach(), sink_relevance[Role.EMBED],
+                                                       options["patch_rule"], options["gamma"])
+        return attr
 
     # ------------------------------------------------------------------ pixels
     def vision_outputs(self, images: Tensor, embed_relevance: Tensor, rule: str,
@@ -490,7 +530,7 @@ class ViTFamily(HookedTransformerFamily):
         """The grid facts for ``attr.vision`` and the pixel relevance for ``attr.pixels``, from the
         relevance of ``hook_embed`` ``[batch, positions, d_model]``. No graph is built: the patch
         weights require grad again once the sweep has restored them."""
-        gamma = float(gamma) if rule == "gamma" else 0.0  # checked by the engine before the sweep
+        gamma = float(gamma) if rule == "gamma" else 0.0  # checked by resolve_options before the sweep
         facts = {"grid": [self.grid, self.grid], "patch_size": self.cfg.patch_size, "n_prefix": self.n_prefix,
                  "image_size": [self.cfg.image_size] * 2, "patch_rule": rule, "gamma": gamma}
         with torch.no_grad():

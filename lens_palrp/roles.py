@@ -1,8 +1,8 @@
 """The roles a hook point can play in the relevance sweep.
 
 A model family (one module in ``lens_palrp.hooks``) declares which of its hook points plays which
-role; the engine knows which rule each role gets under each method. Adding a family means
-mapping its hook names to these roles, nothing more.
+role; a method (``lens_palrp.methods``) maps roles to rule objects. Adding a family means mapping
+its hook names to these roles; adding a method means mapping these roles to rules.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class Role(enum.Enum):
     MLP_PRE = "MLP pre-activation (gate side for gated MLPs)"
     MLP_UP = "gated MLP linear (up) branch"
     MLP_MID = "MLP activation output before an activation LayerNorm"
-    MLP_POST = "MLP post-activation"
+    MLP_POST = "MLP activation output f(pre) (not gated)"
+    MLP_GATED = "gated MLP product act(gate) * up (hook_post of a gated MLP)"
+    MLP_NORMED_POST = "MLP output after an activation LayerNorm (SoLU-LN's hook_post)"
     LOGITS = "unembedding output before the output softcap"
     ROPE_COS = "RoPE cos table as the forward uses it (observed)"
     ROPE_SIN = "RoPE sin table as the forward uses it (observed)"

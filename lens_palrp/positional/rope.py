@@ -1,0 +1,84 @@
+"""RoPE: the rotation ``R_i`` applied to queries and keys. Under a rule that splits the rotated
+product (``rules.RotatedShare``: Eq. 10), the share the rotation keeps is the positional sink
+``rotation_share * R(q~)`` (and ``R(k~)``) per layer, head and position, and the relevance of the
+cos and sin table entries (Eq. 7-9) gives the per-layer tables of ``combined()``.
+
+Where grouped kv heads stay grouped (a TransformerBridge), one rotated key serves several query
+heads: each query head is credited with its own part of the key gradient, recovered from its score
+gradient, so the key side of the sink is exact per query head."""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from lens_palrp.roles import Role
+from lens_palrp.positional.base import PositionalEncoding, register_encoding
+from lens_palrp.rules.functional import rope_table_relevance
+
+
+@register_encoding("rotary")
+class Rotary(PositionalEncoding):
+    def __init__(self, sweep):
+        super().__init__(sweep)
+        self.cos: Dict[int, Tensor] = {}  # per layer: relevance of the cos entries [batch, pos, rotary_dim]
+        self.sin: Dict[int, Tensor] = {}
+        self.tables: Dict[int, Tuple[Tensor, Tensor]] = {}  # cos, sin as the forward used them
+        self._observed_cos: Dict[int, Tensor] = {}
+        self.key_rule = sweep.method.rule(Role.ROT_K)
+        # keys read by several query heads: the key side goes through the score gradients
+        self.keys_through_scores = sweep.kv_grouped and self.key_rule.splits_rotation
+        self.needs_score_gradient = self.keys_through_scores
+
+    def reads(self) -> Tuple[Role, ...]:
+        return (Role.ROT_Q, Role.ROT_K) if self.keys_through_scores else ()
+
+    def at_site(self, site, out: Tensor, share: float) -> None:
+        role, layer = site.role, site.layer
+        if role is Role.ROPE_COS:  # tables observed where the forward uses them (bridges)
+            self._observed_cos[layer] = out.detach()[:, :, None, :]
+        elif role is Role.ROPE_SIN:
+            self.tables[layer] = (self._observed_cos.pop(layer), out.detach()[:, :, None, :])
+        elif role in (Role.ROT_Q, Role.ROT_K) and site.rule.splits_rotation:
+            if self.keys_through_scores and role is Role.ROT_K and site.consumer:
+                return  # credited per query head in at_scores
+            kept = site.rule.rotation_share
+            self.sweep.on_grad(out, lambda g, y=out.detach(): self._sink(layer, y, share * g, kept))
+
+    def at_scores(self, layer: int, score_gradient: Tensor) -> None:
+        """Query head ``h`` reads its kv head's rotated key through its own scores, so its share of
+        the key gradient is ``sum_i dL/dS_hij q~_hi / scale``; each query head gets that part."""
+        q = self.sweep.take(Role.ROT_Q, layer).detach()  # [batch, pos, heads, d_head]
+        k = self.sweep.take(Role.ROT_K, layer).detach()  # [batch, pos, kv_heads, d_head]
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        key_grad = torch.einsum("bhqk,bqhd->bkhd", score_gradient, q) / self.family.attn_scale(layer)
+        self._sink(layer, k, self.key_rule.share * key_grad, self.key_rule.rotation_share)
+
+    def _sink(self, layer: int, rotated: Tensor, grad: Tensor, kept: float) -> None:
+        """What the rotation keeps of ``R(y) = y * grad`` on the rotated channels, per head, and
+        its split over the cos and sin table entries, summed over heads (one table per layer)."""
+        fam = self.family
+        rd = fam.rotary_dim
+        y, g = rotated[..., :rd], grad[..., :rd]
+        if y.shape[2] != fam.n_heads:  # a grouped key explained directly (at_hook)
+            r = fam.n_heads // y.shape[2]  # no query head reads it: share it evenly
+            y, g = y.repeat_interleave(r, dim=2), g.repeat_interleave(r, dim=2) / r
+        self.sweep.positional[:, layer].add_(kept * (y * g).sum(-1).transpose(1, 2))
+        if layer not in self.tables:  # the query and the key side share the layer's tables
+            cos, sin = fam.rotary_tables(layer, self.sweep.n_pos, self.sweep.attention_mask)
+            self.tables[layer] = (cos.to(g.dtype), sin.to(g.dtype))
+        cos, sin = self.tables[layer]
+        c, s = rope_table_relevance(y, g, cos, sin, fam.rotary_adjacent_pairs, head_dim=2)
+        self.cos[layer] = self.cos.get(layer, 0) + kept * c
+        self.sin[layer] = self.sin.get(layer, 0) + kept * s
+
+    def layer_reductions(self, positional: Tensor) -> Tuple[Tensor, Tensor]:
+        positive, absolute = super().layer_reductions(positional)
+        for layer in range(self.family.n_layers):
+            if layer in self.cos:
+                c, s = self.cos[layer], self.sin[layer]
+                positive[:, layer] = c.clamp(min=0).sum(-1) + s.clamp(min=0).sum(-1)
+                absolute[:, layer] = c.sum(-1).abs() + s.sum(-1).abs()
+        return positive, absolute

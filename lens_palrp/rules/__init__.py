@@ -1,0 +1,28 @@
+"""LRP rules: closed-form gradient patches (``functional``) and the small rule objects a method
+maps hook roles to (``base``, ``products``, ``activations``)."""
+
+from lens_palrp.rules.activations import IdentityActivation, IdentityOutputSoftcap, IdentitySoftcap
+from lens_palrp.rules.base import Applied, ConstantScale, Gradient, InputSink, Rule, Site
+from lens_palrp.rules.functional import (
+    Factor,
+    alibi_position_relevance,
+    alibi_split_weights,
+    gated_product,
+    identity_rule,
+    identity_rule_ratio,
+    linear_gamma_relevance,
+    linearized,
+    rope_table_relevance,
+    rotate_every_two,
+    scale_grad,
+    softmax_relevance,
+)
+from lens_palrp.rules.products import GatedShares, HeldConstant, RotatedShare, UniformShare
+
+__all__ = [
+    "Rule", "Site", "Applied", "Gradient", "InputSink", "ConstantScale", "UniformShare", "HeldConstant",
+    "RotatedShare", "GatedShares", "IdentityActivation", "IdentitySoftcap", "IdentityOutputSoftcap",
+    "Factor", "scale_grad", "linearized", "identity_rule_ratio", "identity_rule", "gated_product", "rotate_every_two",
+    "rope_table_relevance", "alibi_split_weights", "alibi_position_relevance", "softmax_relevance",
+    "linear_gamma_relevance",
+]

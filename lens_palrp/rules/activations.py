@@ -1,0 +1,48 @@
+"""Rules for element-wise non-linearities: the identity rule, at every place it is installed."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from lens_palrp.roles import Role
+from lens_palrp.rules.base import Applied, Rule, Site
+from lens_palrp.rules.functional import identity_rule, identity_rule_ratio, linearized
+
+
+class IdentityActivation(Rule):
+    """``f(hook_pre)`` under the identity rule: each output element's relevance passes 1:1 to its
+    input element (``R(x) = R(f(x))``)."""
+
+    def reads(self, family) -> Tuple[Role, ...]:
+        return (Role.MLP_PRE,)
+
+    def apply(self, act: Tensor, site: Site) -> Applied:
+        return identity_rule(site.take(Role.MLP_PRE), act), 1.0
+
+
+class IdentitySoftcap(Rule):
+    """The attention softcap ``c tanh(s / c)`` (Gemma-2 style) under the identity rule. No hook
+    sits between ``q k^T`` and the cap, so the raw scores are recomputed from the rule-patched
+    query and key the family names in ``score_roles``; the model keeps its own value."""
+
+    def reads(self, family) -> Tuple[Role, ...]:
+        return tuple(family.score_roles)
+
+    def apply(self, act: Tensor, site: Site) -> Applied:
+        fam = site.family
+        q_role, k_role = fam.score_roles
+        q, k = site.take(q_role), site.take(k_role)
+        raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(site.layer)
+        capped = fam.attn_softcap * torch.tanh(raw.detach() / fam.attn_softcap)
+        return linearized(act, [raw], [identity_rule_ratio(raw.detach(), capped)]), 1.0
+
+
+class IdentityOutputSoftcap(Rule):
+    """The output softcap on the logits under the identity rule, completed after the forward from
+    the raw logits captured at ``unembed.hook_out``."""
+
+    def complete(self, raw: Tensor, value: Tensor) -> Tensor:
+        return identity_rule(raw, value)

@@ -1,0 +1,84 @@
+"""What a rule is: a small object that decides how relevance passes one kind of node.
+
+The sweep calls ``rule.apply(act, site)`` at every hook point whose role the method maps to the
+rule. The rule returns the tensor the model continues with — the same *value*, with a patched
+backward (``lens_palrp.rules.functional``) — and the share of the node's relevance that this
+tensor carries (``R = share * act * grad``), or ``None`` where no relevance passes (a factor held
+constant). Rules never touch the model; they read what the sweep captured at other hook points of
+the same layer through the ``Site`` they are given.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Tuple
+
+from torch import Tensor
+
+from lens_palrp.roles import Role
+
+Applied = Tuple[Tensor, Optional[float]]
+
+
+class Site(Protocol):
+    """One hook point during the forward, as a rule sees it."""
+
+    name: str
+    role: Role
+    layer: Optional[int]
+    consumer: bool  # False at an at_hook target: the explained scalar consumes the activation
+    family: object  # the model family (lens_palrp.hooks.base.ModelFamily)
+
+    def take(self, role: Role) -> Tensor:
+        """The rule-patched output of ``role`` in this layer (captured because a rule reads it)."""
+
+    def add_input_sink(self, leaf: Tensor) -> None:
+        """Register ``leaf`` as the autograd input where relevance of this role stops."""
+
+
+class Rule:
+    """Relevance passes unchanged: plain gradient x input at this node."""
+
+    splits_rotation = False  # a rule on rotated q/k that sends part of the relevance to the rotation
+
+    def reads(self, family) -> Tuple[Role, ...]:
+        """Roles of the same layer whose output ``apply`` takes from the site."""
+        return ()
+
+    def apply(self, act: Tensor, site: Site) -> Applied:
+        return act, 1.0
+
+    def complete(self, raw: Tensor, value: Tensor) -> Tensor:
+        """For a rule whose node has no hook after it (the output softcap): the node's output
+        ``value`` computed by the model from ``raw``, with the rule installed. Plain: unchanged."""
+        return value
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
+
+Gradient = Rule  # the rule of plain gradient x input, by its name
+
+
+class InputSink(Rule):
+    """An input embedding (token, position, token type): the activation becomes an autograd leaf,
+    so relevance stops here and is read as ``embedding * gradient`` (Eq. 5 with epsilon 0)."""
+
+    def apply(self, act: Tensor, site: Site) -> Applied:
+        leaf = act.detach().requires_grad_(True)
+        site.add_input_sink(leaf)
+        return leaf, 1.0
+
+
+class ConstantScale(Rule):
+    """The scale of a LayerNorm / RMSNorm held constant (the identity rule on the normalization):
+    ``x / scale`` is then linear in ``x``, and the scale receives no relevance."""
+
+    def apply(self, act: Tensor, site: Site) -> Applied:
+        return act.detach(), None
