@@ -23,7 +23,7 @@ from lens_palrp.hooks import family_for, unverified_architectures
 from lens_palrp.roles import HookRole, Role
 from lens_palrp.inputs import HookNames, resolve_hook_names
 from lens_palrp.methods import Method, get_method
-from lens_palrp.positional import encoding_for
+from lens_palrp.positional import PositionalEncoding, encoding_for
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_relevance
 from lens_palrp.safety import model_left_unchanged
@@ -56,6 +56,8 @@ class _Site:
 class Sweep:
     """State of one explanation: the hook functions of the forward and the records they fill."""
 
+    encoding: PositionalEncoding  # the positional strategy, chosen once the canonizers have run
+
     def __init__(self, family, method: Method, batch: int, n_pos: int, dtype: torch.dtype, device,
                  attention_mask: Optional[Tensor], record: Sequence[str], hook_target: Optional[HookTarget],
                  record_gradients: Sequence[str] = ()):
@@ -81,7 +83,6 @@ class Sweep:
         self._transforms: Dict[Role, List[Callable[[_Site, Tensor], Tensor]]] = {}
         self._readers: Counter = Counter({Role.LOGITS: 1})  # the output rule completes from the raw logits
         self._captured: Dict[Tuple[Role, Optional[int]], List] = {}
-        self.encoding = None  # the positional strategy, once the canonizers have run
 
     # -- what canonizers and strategies use ------------------------------------------------------
     def capture(self, *roles: Role) -> None:
@@ -116,28 +117,46 @@ class Sweep:
         self.capture(*self.encoding.reads())
 
     # -- one hook function per hook point --------------------------------------------------------
-    def hook_fn(self, name: str, role: Optional[HookRole]):
-        is_target = self.hook_target is not None and self.hook_target.hook_name == name
+    def hook_fns(self, names: Sequence[str]) -> List[Tuple[str, Callable]]:
+        """One hook function per hook *point*: names that are aliases of one point (a bridge's
+        ``hook_pos_embed`` and ``pos_embed.hook_out``) share it, so a record of either sees the
+        activation after the role's rule, whatever order the hooks would have run in."""
+        points = self.family.hook_points()
+        by_point: Dict[int, List[str]] = {}
+        for name in sorted(names):
+            by_point.setdefault(id(points.get(name, name)), []).append(name)
+        hooks = []
+        for aliases in by_point.values():
+            roles = [n for n in aliases if n in self.roles]
+            main = roles[0] if roles else aliases[0]
+            hooks.append((main, self.hook_fn(main, self.roles.get(main), aliases)))
+        return hooks
+
+    def hook_fn(self, name: str, role: Optional[HookRole], aliases: Sequence[str] = ()):
+        names = list(dict.fromkeys([name, *aliases]))
+        target = self.hook_target if self.hook_target is not None and self.hook_target.hook_name in names else None
 
         def fn(act: Tensor, hook=None):
             if role is not None:
-                out = self.run_site(name, role, act, consumer=not is_target)
+                out = self.run_site(names, role, act, consumer=target is None)
             else:
                 out = act
-                self._record(name, out, 1.0)
-            if is_target:
-                self.target_value = self.hook_target.fn(out)
+                for alias in names:
+                    self._record(alias, out, 1.0)
+            if target is not None:
+                self.target_value = target.fn(out)
                 raise _StopForward
             return out
 
         return fn
 
-    def run_site(self, name: str, hr: HookRole, act: Tensor, consumer: bool) -> Tensor:
+    def run_site(self, names: Union[str, Sequence[str]], hr: HookRole, act: Tensor, consumer: bool) -> Tensor:
         """Install the rule of ``hr.role`` on ``act`` and attach the records; returns the tensor
         the model continues with (same value). ``consumer=False`` at an ``at_hook`` target: the
         rule of the operation that would consume the activation (e.g. 1/2 for Q K^T) is skipped,
         since the explained scalar consumes it instead."""
-        role, layer = hr.role, hr.layer
+        names = [names] if isinstance(names, str) else list(names)
+        name, role, layer = names[0], hr.role, hr.layer
         rule = self.method.rule(role)
         site = _Site(self, name, role, layer, consumer, rule)
         for transform in self._transforms.get(role, ()):
@@ -145,15 +164,17 @@ class Sweep:
         out, share = rule.apply(act, site)
         if self._readers[role]:
             self._captured[(role, layer)] = [out, self._readers[role]]
-        self.encoding.at_site(site, out, share)
         if share is None:  # held constant: no relevance passes, the record holds zeros
-            if name in self.record_names:
-                self.records[name] = torch.zeros_like(out.detach())
+            for alias in names:
+                if alias in self.record_names:
+                    self.records[alias] = torch.zeros_like(out.detach())
             return out
+        self.encoding.at_site(site, out, share)
         observe = _OBSERVERS.get(role)
         if observe is not None:
             observe(self, layer, out, share)
-        self._record(name, out, share)
+        for alias in names:
+            self._record(alias, out, share)
         return out
 
     # -- per-layer records -----------------------------------------------------------------------
@@ -179,7 +200,7 @@ class Sweep:
         wanted = self.encoding.needs_score_gradient
         r_out, r_in, score_grad = softmax_relevance(pattern, grad, sinks, score_grad=wanted)
         self.softmax_absorbed[:, layer].add_((r_out - r_in).sum((1, 2)))
-        if wanted:
+        if score_grad is not None:
             self.encoding.at_scores(layer, score_grad)
 
     def _record(self, name: str, out: Tensor, share: float) -> None:
@@ -284,16 +305,25 @@ def explain(
                             record_gradients, options)
 
 
+def rule_sites(model, method: Union[str, Method] = "pa_lrp") -> Dict[str, Tuple[HookRole, Rule]]:
+    """Where ``explain`` installs rules on ``model``: hook name -> (role, the method's rule), after
+    the family's canonizers (e.g. a bridge whose pattern only observes has no pattern site)."""
+    family, m = family_for(model), get_method(method)
+    sweep = Sweep(family, m, 1, 1, torch.float32, "cpu", None, (), None)
+    with model_left_unchanged(model), canonized(family.canonizers(), family, sweep):
+        return {name: (hr, m.rule(hr.role)) for name, hr in sweep.roles.items()}
+
+
 def _family_options(family, options) -> dict:
     """The family's own options, checked; an option of another family is named as such."""
     unknown = sorted(set(options) - set(family.options))
     if unknown:
         from lens_palrp.hooks import FAMILY_OPTIONS
 
-        owners = sorted({owner for name in unknown for owner in FAMILY_OPTIONS.get(name, ())})
+        owners = sorted({FAMILY_OPTIONS[name] for name in unknown if name in FAMILY_OPTIONS})
         if owners:
-            raise ValueError(f"{' and '.join(unknown)} apply to {', '.join(owners)} models only, "
-                             f"not to a {family.name}")
+            verb = "applies" if len(unknown) == 1 else "apply"
+            raise ValueError(f"{' and '.join(unknown)} {verb} to {' and '.join(owners)} only, not to a {family.name}")
         raise TypeError(f"explain() got an unexpected keyword argument {unknown[0]!r}")
     return family.resolve_options({k: v for k, v in options.items() if v is not None})
 
@@ -330,7 +360,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         sweep.start()
         names = set(sweep.roles) | set(record) | set(record_gradients) | (
             {hook_target.hook_name} if hook_target else set())
-        fwd_hooks = [(name, sweep.hook_fn(name, sweep.roles.get(name))) for name in names]
+        fwd_hooks = sweep.hook_fns(names)
         try:
             logits = family.forward(prepared.inputs, prepared.attention_mask, fwd_hooks)
         except _StopForward:

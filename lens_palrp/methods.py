@@ -25,6 +25,7 @@ from typing import Dict, Mapping, Optional
 
 from lens_palrp import rules
 from lens_palrp.roles import Role
+from lens_palrp.rules import Rule
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Method:
     """A named rule map. ``rule(role)`` is the rule installed at every hook point of ``role``."""
 
     name: str
-    rules: Mapping[Role, rules.Rule]
+    rules: Mapping[Role, Rule]
     positional: PositionalTreatment = LEAK
     description: str = ""
 
@@ -61,13 +62,13 @@ class Method:
                                 f"got {type(rule).__name__}")
         object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
 
-    def rule(self, role: Role) -> rules.Rule:
+    def rule(self, role: Role) -> Rule:
         return self.rules.get(role, _GRADIENT)
 
-    def with_rules(self, name: str, changes: Mapping[Role, rules.Rule], description: str = "",
+    def with_rules(self, name: str, changes: Mapping[Role, Rule], description: str = "",
                    positional: Optional[PositionalTreatment] = None) -> "Method":
         """A variant: this method's map with ``changes`` applied, under a new name."""
-        merged: Dict[Role, rules.Rule] = {**self.rules, **changes}
+        merged: Dict[Role, Rule] = {**self.rules, **changes}
         return Method(name, merged, self.positional if positional is None else positional,
                       description or f"{self.name} with {', '.join(r.name for r in changes)} changed")
 

@@ -107,7 +107,7 @@ def test_every_hook_the_sweep_patches_is_in_the_computation_path(mode, tmp_path)
     if mode == "compat":
         bridge.enable_compatibility_mode(disable_warnings=True)
     family = family_for(bridge)
-    assert not family.rebuild_attention and family.pe_type == "alibi"
+    assert not family.canonizers() and family.pe_type == "alibi"  # BLOOM's pattern hook is in the path
     roles = family.hook_roles()
     assert {r.role for r in roles.values()} == {
         Role.EMBED, Role.NORM_SCALE, Role.RESID_PRE, Role.Q, Role.K, Role.V, Role.PATTERN, Role.Z,

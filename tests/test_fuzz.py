@@ -548,7 +548,7 @@ CASES = {
     "zoo-tokens-none": err("zoo", explain(None, 3), TypeError, "tokens must be a string"),
     "zoo-prepend-bos-not-bool": err(
         "zoo", explain(PROMPT, 3, prepend_bos="yes"), TypeError, "prepend_bos must be"),
-    "zoo-gamma-on-text": err("zoo", explain(TOKS, 3, gamma=-1.0), ValueError, "apply to vision transformers"),
+    "zoo-gamma-on-text": err("zoo", explain(TOKS, 3, gamma=-1.0), ValueError, "gamma applies to vision transformers"),
     "zoo-allow-unverified-not-bool": err("zoo", explain(TOKS, 3, allow_unverified="no"), TypeError,
                                          "allow_unverified must be True or False"),
     "zoo-record-bytes": err("zoo", explain(TOKS, 3, record=b"hook_embed"), TypeError, "got bytes"),
@@ -585,7 +585,7 @@ CASES = {
                                     "record_gradients: the model has no hook point named 'nope'"),
     "zoo-method-unknown": err("zoo", explain(TOKS, 3, method="lrp"), ValueError, "unknown method 'lrp'"),
     "zoo-patch-rule-on-text": err("zoo", explain(TOKS, 3, patch_rule="gamma"), ValueError,
-                                  "patch_rule and gamma apply to vision transformers"),
+                                  "patch_rule applies to vision transformers \\(HookedViT\\) only, not to a"),
     "zoo-metric-raises": err("zoo", explain(TOKS, fail), Failed, "user code failed",
                              post=explains_again(TOKS, 3)),
     "zoo-metric-nan": err("zoo", explain(TOKS, lambda l: l[:, -1, 3] * float("nan")), FloatingPointError,

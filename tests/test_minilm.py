@@ -99,11 +99,12 @@ def test_pa_and_attn_lrp_token_maps_agree_for_learned_pe(bridge):
 
 
 def test_every_patched_hook_is_in_the_computation_path(bridge):
-    from lens_palrp.hooks import family_for
+    from lens_palrp.engine import rule_sites
     from lens_palrp.roles import Role
 
     toks = bridge.to_tokens([A])
-    roles = family_for(bridge).hook_roles()
+    roles = {name: role for name, (role, _) in rule_sites(bridge).items()}
+    # the observed pattern is rebuilt at hook_z by a canonizer, not patched
     assert "hook_embed" not in roles and "blocks.0.attn.hook_pattern" not in roles
     with torch.no_grad():
         base = bridge(toks)
@@ -143,3 +144,13 @@ def test_similarity_perturbation_protocol(bridge):
         assert modes["morf"].shape == (2, len(FRACTIONS))
     metrics = result.metrics()
     assert float(metrics["pa_lrp"]["generation_au_mse"].mean()) < float(metrics["random"]["generation_au_mse"].mean())
+
+
+def test_a_record_at_an_alias_of_a_sink_sees_the_sink(bridge):
+    """``hook_pos_embed`` is the bridge's alias of ``pos_embed.hook_out``, the position sink. Two
+    hooks on one point used to run in hash order, so the record saw the activation before the
+    sink was made a leaf (all zeros) in some processes: one hook per point now, for every alias."""
+    attr = lp.explain_similarity(bridge, A, B, record=["hook_pos_embed", "pos_embed.hook_out"])
+    alias, canonical = attr.hooks["hook_pos_embed"], attr.hooks["pos_embed.hook_out"]
+    assert torch.equal(alias, canonical) and float(alias.abs().max()) > 0
+    torch.testing.assert_close(alias.sum(-1), attr.positional_input, rtol=1e-10, atol=1e-12)

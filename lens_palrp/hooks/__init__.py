@@ -11,7 +11,7 @@ from lens_palrp.hooks.vit import HookedViT, ViTFamily, is_hooked_vit
 
 # explain() options some family takes, by option name: the families that take it (for the error
 # that names where an option belongs when it is passed to another family)
-FAMILY_OPTIONS = {name: (family.name,) for family in (ViTFamily,) for name in family.options}
+FAMILY_OPTIONS = {name: "vision transformers (HookedViT)" for name in ViTFamily.options}
 
 __all__ = ["family_for", "FAMILY_OPTIONS", "ModelFamily", "HookRole", "Role", "HookedTransformerFamily", "HookedEncoderFamily", "TransformerBridgeFamily",
            "HookedViT", "ViTFamily", "unverified_architectures"]

@@ -75,6 +75,10 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def has_hook(self, name: str) -> bool: ...
 
+    def hook_points(self) -> Mapping[str, Any]:
+        """Hook name -> hook point object (aliases of one point map to the same object)."""
+        return self.model.hook_dict
+
     @property
     @abc.abstractmethod
     def final_hidden_hook(self) -> str:

@@ -168,9 +168,12 @@ class TransformerBridgeFamily(TransformerLensFamily):
         if cached is not None and cached.shape[-1] == n_pos:  # every layer shares one bias
             return cached
         hf_model = self.model.original_model
-        build = next((m.build_alibi_tensor for m in hf_model.modules() if hasattr(m, "build_alibi_tensor")), None)
+        build: Optional[Callable[..., Tensor]] = next(
+            (m.build_alibi_tensor for m in hf_model.modules() if hasattr(m, "build_alibi_tensor")), None)
         if build is None:  # pragma: no cover - older transformers keep only the module function
-            from transformers.models.bloom.modeling_bloom import build_alibi_tensor as build
+            from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+            build = build_alibi_tensor
         device = next(hf_model.parameters()).device
         mask = torch.ones(1, n_pos, dtype=torch.long, device=device)
         row = build(mask, self.n_heads, torch.float64).reshape(self.n_heads, n_pos)  # m_h j

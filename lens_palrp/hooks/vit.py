@@ -34,7 +34,7 @@ from lens_palrp.roles import HookRole, Role
 try:  # TransformerLens 4.x exports it at the top level; 3.x from hook_points
     from transformer_lens import HookedRootModule
 except ImportError:  # pragma: no cover - 3.x layout
-    from transformer_lens.hook_points import HookedRootModule
+    from transformer_lens.hook_points import HookedRootModule  # type: ignore[no-redef]
 from transformer_lens.hook_points import HookPoint
 
 PATCH_RULES = ("gamma", "epsilon")
@@ -126,8 +126,8 @@ class Attention(nn.Module):
         self.W_O = nn.Parameter(torch.zeros(h, dh, d))
         self.b_O = nn.Parameter(torch.zeros(d))
         self.attn_scale = math.sqrt(dh)
-        for name in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z"):
-            setattr(self, name, HookPoint())
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
@@ -164,8 +164,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
         self.mlp = MLP(cfg)
-        for name in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"):
-            setattr(self, name, HookPoint())
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
     def forward(self, resid: Tensor) -> Tensor:
         resid = self.hook_resid_pre(resid)
@@ -211,8 +211,10 @@ class HookedViT(HookedRootModule):
         b = images.shape[0]
         patches = F.conv2d(images, self.W_patch, self.b_patch, stride=self.cfg.patch_size)
         patches = self.hook_patch_embed(patches.flatten(2).transpose(1, 2))
-        prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
-        prefix = torch.stack(prefix)[None].expand(b, -1, -1)
+        prefix_tokens: List[Tensor] = [self.cls_token]
+        if self.dist_token is not None:
+            prefix_tokens.append(self.dist_token)
+        prefix = torch.stack(prefix_tokens)[None].expand(b, -1, -1)
         embed = self.hook_embed(torch.cat([prefix, patches], 1))
         pos = self.hook_pos_embed(self.W_pos[None].repeat(b, 1, 1))
         resid = embed + pos

@@ -33,6 +33,7 @@ class IdentitySoftcap(Rule):
 
     def apply(self, act: Tensor, site: Site) -> Applied:
         fam = site.family
+        assert site.layer is not None and fam.attn_softcap is not None  # only scores of a softcapped block
         q_role, k_role = fam.score_roles
         q, k = site.take(q_role), site.take(k_role)
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(site.layer)

@@ -10,11 +10,14 @@ the same layer through the ``Site`` they are given.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Optional, Protocol, Tuple
 
 from torch import Tensor
 
 from lens_palrp.roles import Role
+
+if TYPE_CHECKING:  # the hooks package imports the rules
+    from lens_palrp.hooks.base import ModelFamily
 
 Applied = Tuple[Tensor, Optional[float]]
 
@@ -26,7 +29,7 @@ class Site(Protocol):
     role: Role
     layer: Optional[int]
     consumer: bool  # False at an at_hook target: the explained scalar consumes the activation
-    family: object  # the model family (lens_palrp.hooks.base.ModelFamily)
+    family: "ModelFamily"
 
     def take(self, role: Role) -> Tensor:
         """The rule-patched output of ``role`` in this layer (captured because a rule reads it)."""
@@ -40,7 +43,7 @@ class Rule:
 
     splits_rotation = False  # a rule on rotated q/k that sends part of the relevance to the rotation
 
-    def reads(self, family) -> Tuple[Role, ...]:
+    def reads(self, family: "ModelFamily") -> Tuple[Role, ...]:
         """Roles of the same layer whose output ``apply`` takes from the site."""
         return ()
 

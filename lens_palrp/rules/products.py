@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ class RotatedShare(UniformShare):
 
     def apply(self, act: Tensor, site: Site) -> Applied:
         share = self.share if site.consumer else 1.0
-        factor: Union[float, Tensor] = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
+        factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
         factor[: site.family.rotary_dim] *= 1 - self.rotation_share
         return scale_grad(act, factor), share
 
@@ -66,6 +66,7 @@ class GatedShares(Rule):
         return (Role.MLP_PRE, Role.MLP_UP)
 
     def apply(self, act: Tensor, site: Site) -> Applied:
+        assert site.layer is not None  # an MLP role is always in a block
         pre, up = site.take(Role.MLP_PRE), site.take(Role.MLP_UP)
         gate_act = site.family.activation(site.layer)(pre.detach())
         return gated_product(pre, gate_act, up, act, self.gate_share, self.up_share), 1.0
