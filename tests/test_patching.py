@@ -4,6 +4,7 @@ any model; ``tests/test_analyses_bridge.py`` checks the bridges' numbers against
 Hugging Face modules by hand."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -41,6 +42,22 @@ def test_correlation_helpers():
     assert an.spearman(a, a**3) == pytest.approx(1.0)
     assert an.spearman(a, -a) == pytest.approx(-1.0)
     assert an.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([3.0, 3.0, 5.0])) == pytest.approx(1.0)
+    # by hand: x = 0, 1, 2 and y = 0, 1, 4 give r = 4 / sqrt(2 * 78 / 9) = 6 / sqrt(39); their
+    # ranks agree exactly (Spearman 1): the two are not swapped
+    x, y = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.0, 1.0, 4.0])
+    assert an.pearson(x, y) == pytest.approx(6 / math.sqrt(39), rel=1e-12)
+    assert an.spearman(x, y) == pytest.approx(1.0)
+    # ties share their mean rank: ranks 1, 2.5, 2.5, 4 against 1, 3, 2, 4 correlate at
+    # 4.5 / sqrt(4.5 * 5) (ordinal ranks 1, 2, 3, 4 would give 0.8)
+    ties = an.spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0, 4.0]))
+    assert ties == pytest.approx(4.5 / math.sqrt(4.5 * 5), rel=1e-12)
+    # grids flatten; a constant grid (no component moved the metric) has no correlation
+    assert an.spearman(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 3.0], [2.0, 4.0]])) == pytest.approx(0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(an.pearson(torch.ones(4), a)) and math.isnan(an.spearman(a, torch.zeros(4)))
+        assert math.isnan(an.pearson(torch.ones(1), torch.ones(1)))
+    assert isinstance(an.pearson(a, a), float) and isinstance(an.spearman(a, a), float)
 
 
 def test_patching_the_only_changed_position_restores_the_clean_metric(setup):

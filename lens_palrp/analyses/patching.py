@@ -28,36 +28,38 @@ from typing import Callable, Dict, List, Sequence
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
+from scipy import stats
 from torch import Tensor
 
 from lens_palrp.analyses.common import in_eval_mode, layer_hooks
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
-from lens_palrp.hooks.roles import Role
+from lens_palrp.roles import Role
 from lens_palrp.inputs import prepare_tokens
 
 
-def _ranks(x: Tensor) -> Tensor:
-    """Average ranks (ties share their mean rank), for Spearman's correlation."""
-    order = x.argsort()
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    for value in x.unique():
-        tie = x == value
-        if int(tie.sum()) > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
+def _pair(a: Tensor, b: Tensor):
+    return a.detach().double().flatten().cpu().numpy(), b.detach().double().flatten().cpu().numpy()
+
+
+def _correlation(test, a: Tensor, b: Tensor) -> float:
+    """``test(a, b).statistic`` as a float; NaN where it is undefined (fewer than two values, or a
+    constant input), silently, as for a constant patching grid."""
+    x, y = _pair(a, b)
+    if x.size < 2 or x.min() == x.max() or y.min() == y.max():
+        return float("nan")
+    return float(test(x, y).statistic)
 
 
 def pearson(a: Tensor, b: Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+    """Pearson's correlation of the flattened tensors (``scipy.stats.pearsonr``)."""
+    return _correlation(stats.pearsonr, a, b)
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
-    return pearson(_ranks(a.double().flatten()), _ranks(b.double().flatten()))
+    """Spearman's rank correlation of the flattened tensors, ties at their mean rank
+    (``scipy.stats.spearmanr``)."""
+    return _correlation(stats.spearmanr, a, b)
 
 
 @dataclass
