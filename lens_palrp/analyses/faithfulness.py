@@ -4,7 +4,7 @@ For each sample the tokens are ordered by a method's relevance and perturbed in 
 ``f = 0, 0.1, ..., 1``, ``k = ceil(f N)`` tokens at step ``f``:
 
 * **generation**: start from all tokens masked, re-insert the ``k`` most relevant (at ``f = 1``
-  the input is restored exactly; asserted);
+  the input is restored exactly);
 * **pruning**: start from the full input, mask the ``k`` least relevant (= LeRF);
 * **morf**: mask the ``k`` *most* relevant first.
 
@@ -12,6 +12,13 @@ Metrics, each the trapezoid area over ``f`` in [0, 1]: **AUAC**, the softmax pro
 target token (higher is better for generation and pruning); **AU-MSE**, the squared difference
 between the original and the perturbed target logit (lower is better); and the area under the
 target logit for MoRF / LeRF. The 11 perturbed inputs of a sample run as one batch.
+
+The three protocols (next-token ``perturbation_test``, ``similarity_perturbation_test`` here and
+``vision.vision_perturbation_test``) share one loop, ``perturbation_curves``: for every unit (a
+sample, a sentence pair, a batch of images) and every map it decides which positions each step
+removes, has the protocol build the perturbed input and score it, and files the scores as curves.
+A protocol is a ``Perturbation``: its fractions, its step sizes, how it removes a position and
+how it scores a batch of perturbed inputs (docs/evaluation.md).
 
 Every family runs it (HookedTransformer, TransformerBridge in either hook naming): the forwards go
 through the family in eval mode; hooks are read by the name asked for (in a bridge's default
@@ -23,9 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from itertools import islice
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor
 
 from lens_palrp.analyses.common import in_eval_mode
@@ -41,37 +51,136 @@ MODES = ("generation", "pruning", "morf")
 def trapezoid(values: Tensor, fractions: Tensor = FRACTIONS) -> Tensor:
     """Area under ``values[..., steps]`` over ``fractions`` (x from 0 to 1)."""
     v = values.double()
-    dx = (fractions[1:] - fractions[:-1]).to(v.device)
-    return ((v[..., 1:] + v[..., :-1]) * 0.5 * dx).sum(-1)
+    return torch.trapezoid(v, fractions.to(v.device, torch.float64), dim=-1)
 
 
+# ------------------------------------------------------------------------------- the shared loop
 def perturbation_order(relevance: Tensor, perturbable: Tensor, descending: bool) -> Tensor:
-    """Positions sorted by relevance (stable: ties keep position order), non-perturbable last."""
+    """Positions sorted by relevance along the last dim (stable: ties keep position order),
+    non-perturbable last."""
     key = relevance.double().clone()
     fill = -math.inf if descending else math.inf
     key[~perturbable] = fill
     return torch.sort(key, descending=descending, stable=True).indices
 
 
+def removal_ranks(relevance: Tensor, perturbable: Tensor, mode: str) -> Tensor:
+    """``[..., pos]`` rank of every position in ``mode``'s order: 0 is the first one generation
+    re-inserts (the most relevant) or pruning / morf removes (the least / most relevant)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    order = perturbation_order(relevance, perturbable, descending=mode in ("generation", "morf"))
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
+    return ranks
+
+
+def removed_at(ranks: Tensor, perturbable: Tensor, mode: str, k: Tensor) -> Tensor:
+    """``[..., pos]`` booleans, the positions a step with ``k`` (per row) removes: generation
+    removes every perturbable position but the ``k`` first of its order, pruning and morf the
+    ``k`` first of theirs."""
+    first = ranks < k.unsqueeze(-1)
+    return perturbable & ~first if mode == "generation" else first
+
+
+def ceil_steps(fraction: float, n: Tensor) -> Tensor:
+    """``k = ceil(f N)`` per row, the language protocols' step size (``- 1e-9``: a product that
+    rounds above an integer, ``0.30000000000000004 * 10``, does not count one position more)."""
+    return torch.ceil(fraction * n.double() - 1e-9).long()
+
+
+@dataclass
+class Unit:
+    """What the loop perturbs together: its maps ``{method: [..., pos]}`` (leading dims: rows
+    that are removed from at once, e.g. the two sentences of a pair or a batch of images), which
+    positions may be removed, and where its curves go (``rows`` of the ``[samples, steps]``
+    curves). ``data`` is the protocol's own (tokens, target, images, ...)."""
+
+    rows: Union[int, slice]
+    maps: Dict[str, Tensor]
+    perturbable: Tensor
+    data: Any = None
+
+
+@dataclass
+class Perturbation:
+    """What a protocol supplies to ``perturbation_curves``.
+
+    ``modes`` names its curves and maps each to a removal order ("generation", "pruning" or
+    "morf"); ``count(f, n)`` is how many positions step ``f`` removes (generation: re-inserts) of
+    the ``n`` perturbable ones of each row; ``remove(unit, removed)`` builds the model input of
+    one step from the positions ``removed [..., pos]`` (a tensor, or a tuple of tensors, whose
+    dim 0 is the model's batch); ``score(unit, inputs)`` runs the model on the inputs of
+    ``steps_per_forward`` consecutive steps (concatenated along dim 0) and returns
+    ``{quantity: [steps, ...]}``, one entry per step (``...``: the unit's rows, where a step
+    scores several). ``steps_per_forward=None``: every step of a unit and map, all modes, in one
+    forward.
+    """
+
+    modes: Dict[str, str]
+    fractions: Tensor
+    count: Callable[[float, Tensor], Tensor]
+    remove: Callable[[Unit, Tensor], Any]
+    score: Callable[[Unit, Any], Dict[str, Tensor]]
+    quantities: Tuple[str, ...]
+    steps_per_forward: Optional[int] = None
+
+
+def _concat(parts: List[Any]):
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
+def _perturbed(protocol: Perturbation, unit: Unit, relevance: Tensor, fractions: List[float], n: Tensor):
+    """The perturbed inputs of one unit and map, mode by mode, step by step."""
+    for order in protocol.modes.values():
+        ranks = removal_ranks(relevance, unit.perturbable, order)
+        for f in fractions:
+            yield protocol.remove(unit, removed_at(ranks, unit.perturbable, order, protocol.count(f, n)))
+
+
+def perturbation_curves(protocol: Perturbation, units: Iterable[Unit], methods: Sequence[str], n_rows: int,
+                        progress: bool = False, desc: str = "perturbation",
+                        total: Optional[int] = None) -> Dict[str, Dict[str, Dict[str, Tensor]]]:
+    """The perturbation loop: ``{method: {mode: {quantity: [n_rows, steps]}}}``.
+
+    For each unit and each of its maps, every step of every mode removes the positions its
+    fraction asks for (``removal_ranks`` / ``removed_at``), the protocol builds the input and
+    scores it, ``steps_per_forward`` steps per forward, and the scores are filed under the
+    unit's rows.
+    """
+    from tqdm.auto import tqdm
+
+    fractions = protocol.fractions.tolist()
+    n_steps = len(fractions) * len(protocol.modes)
+    per_forward = protocol.steps_per_forward or n_steps
+    curves = {m: {mode: {q: torch.zeros(n_rows, len(fractions), dtype=torch.float64) for q in protocol.quantities}
+                  for mode in protocol.modes} for m in methods}
+    for unit in tqdm(units, disable=not progress, desc=desc, total=total):
+        n = unit.perturbable.sum(-1)
+        for method, relevance in unit.maps.items():
+            steps = _perturbed(protocol, unit, relevance, fractions, n)
+            scores: Dict[str, List[Tensor]] = {q: [] for q in protocol.quantities}
+            for _ in range(0, n_steps, per_forward):
+                out = protocol.score(unit, _concat(list(islice(steps, per_forward))))
+                for q in protocol.quantities:
+                    scores[q].append(out[q])
+            for q, parts in scores.items():
+                values = torch.cat(parts)
+                values = values.reshape(len(protocol.modes), len(fractions), *values.shape[1:])
+                for j, mode in enumerate(protocol.modes):
+                    curves[method][mode][q][unit.rows] = values[j].movedim(0, -1)
+    return curves
+
+
 def perturbed_inputs(tokens: Tensor, relevance: Tensor, perturbable: Tensor, mode: str,
                      mask_token: int, fractions: Tensor = FRACTIONS) -> Tensor:
     """``[steps, pos]`` inputs of one sample for ``mode`` (see the module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    n = int(perturbable.sum())
-    order = perturbation_order(relevance, perturbable, descending=mode in ("generation", "morf"))
-    out = []
-    for f in fractions.tolist():
-        k = math.ceil(f * n - 1e-9)
-        chosen = order[:k]
-        if mode == "generation":  # everything masked except the k most relevant
-            x = torch.where(perturbable, torch.full_like(tokens, mask_token), tokens)
-            x[chosen] = tokens[chosen]
-        else:  # mask the k least (pruning) / most (morf) relevant
-            x = tokens.clone()
-            x[chosen] = mask_token
-        out.append(x)
-    inputs = torch.stack(out)
+    ranks = removal_ranks(relevance, perturbable, mode)
+    n = perturbable.sum(-1)
+    inputs = torch.stack([torch.where(removed_at(ranks, perturbable, mode, ceil_steps(f, n)), mask_token, tokens)
+                          for f in fractions.tolist()])
     if mode == "generation" and not torch.equal(inputs[-1], tokens):
         raise AssertionError("generation at f = 1 must restore the input exactly")
     return inputs
@@ -135,13 +244,45 @@ class PerturbationResult:
         return fig
 
 
-def bootstrap_mean(values: Tensor, n_boot: int = 1000, seed: int = 0):
-    """Mean and the 2.5% / 97.5% quantiles of the bootstrap distribution of the mean."""
-    v = values.double().flatten().cpu()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(v), (n_boot, len(v)), generator=g)
-    means = v[idx].mean(1)
-    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+# ------------------------------------------------------------------------------- statistics
+CONFIDENCE = 0.95
+# percentile: the interval the tables always printed (quantiles of the resampled means), and
+# defined where every sample is equal (pointing is often 1 everywhere), where BCa gives NaN
+BOOTSTRAP_METHOD = "percentile"
+
+
+def _interval(samples: Tuple[np.ndarray, ...], statistic, n_boot: int, seed: int, paired: bool) -> Tuple[float, float]:
+    if samples[0].size < 2:  # one value: every resample is that value
+        value = float(statistic(*samples, axis=-1))
+        return value, value
+    ci = stats.bootstrap(samples, statistic, n_resamples=n_boot, confidence_level=CONFIDENCE,
+                         method=BOOTSTRAP_METHOD, paired=paired, vectorized=True,
+                         rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def _numpy(values: Tensor) -> np.ndarray:
+    return values.detach().double().flatten().cpu().numpy()
+
+
+def bootstrap_mean(values: Tensor, n_boot: int = 1000, seed: int = 0) -> Tuple[float, float, float]:
+    """Mean and its 95% percentile bootstrap interval (``scipy.stats.bootstrap``, ``n_boot``
+    resamples drawn by ``numpy.random.default_rng(seed)``)."""
+    mean = float(values.detach().double().flatten().cpu().mean())
+    return (mean, *_interval((_numpy(values),), np.mean, n_boot, seed, paired=False))
+
+
+def _mean_difference(a, b, axis=-1):
+    return np.mean(a - b, axis=axis)
+
+
+def paired_difference(a: Tensor, b: Tensor, n_boot: int = 1000, seed: int = 0) -> Tuple[float, float, float]:
+    """Mean of ``a - b`` over paired samples (two methods on the same inputs) and its 95%
+    percentile bootstrap interval, resampling the pairs together (``paired=True``)."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples need the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    mean = float((a.detach().double() - b.detach().double()).flatten().cpu().mean())
+    return (mean, *_interval((_numpy(a), _numpy(b)), _mean_difference, n_boot, seed, paired=True))
 
 
 # ------------------------------------------------------------------------------- methods
@@ -248,8 +389,6 @@ def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = MET
     ``protect_first`` keeps position 0 (BOS / CLS) out of the perturbation. ``maps`` can pass
     precomputed relevance maps ``{method: [batch, pos]}``.
     """
-    from tqdm.auto import tqdm
-
     family = family_for(model)
     device = next(model.parameters()).device
     prepared = prepare_tokens(family, prompts, None, None, device)
@@ -274,29 +413,30 @@ def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = MET
     if protect_first:
         perturbable[:, 0] = False
     slice_at = _unembedding_input(family)
-    curves = {m: {mode: {"prob": torch.zeros(batch, len(FRACTIONS), dtype=torch.float64),
-                         "logit": torch.zeros(batch, len(FRACTIONS), dtype=torch.float64)}
-                  for mode in modes} for m in maps}
-    for i in tqdm(range(batch), disable=not progress, desc="perturbation"):
-        n = int(lengths[i])
 
-        def last_only(act, hook=None, n=n):
+    def remove(unit: Unit, removed: Tensor) -> Tensor:
+        return torch.where(removed, mask_token, unit.data["tokens"])[None]
+
+    def score(unit: Unit, inputs: Tensor) -> Dict[str, Tensor]:
+        n, target = unit.data["tokens"].shape[-1], unit.data["target"]
+
+        def last_only(act, hook=None):
             # only the explained position reaches the unembedding (a 262k vocabulary is most of
             # the cost of a forward on short inputs)
             return act[:, n - 1 : n]
 
-        for method, relevance in maps.items():
-            stacked = [perturbed_inputs(tokens[i, :n].cpu(), relevance[i, :n], perturbable[i, :n], mode, mask_token)
-                       for mode in modes]
-            inputs = torch.cat(stacked).to(device)
-            with torch.no_grad():
-                out = family.forward(inputs, None, [(slice_at, last_only)])[:, -1].double()
-            probs = out.softmax(-1)[:, int(targets[i])].cpu()
-            logit = out[:, int(targets[i])].cpu()
-            for j, mode in enumerate(modes):
-                sl = slice(j * len(FRACTIONS), (j + 1) * len(FRACTIONS))
-                curves[method][mode]["prob"][i] = probs[sl]
-                curves[method][mode]["logit"][i] = logit[sl]
+        with torch.no_grad():
+            out = family.forward(inputs.to(device), None, [(slice_at, last_only)])[:, -1].double()
+        return {"prob": out.softmax(-1)[:, target].cpu(), "logit": out[:, target].cpu()}
+
+    def units():
+        for i in range(batch):
+            n = int(lengths[i])
+            yield Unit(i, {m: relevance[i, :n] for m, relevance in maps.items()}, perturbable[i, :n],
+                       {"tokens": tokens[i, :n].cpu(), "target": int(targets[i])})
+
+    protocol = Perturbation({mode: mode for mode in modes}, FRACTIONS, ceil_steps, remove, score, ("prob", "logit"))
+    curves = perturbation_curves(protocol, units(), list(maps), batch, progress, "perturbation", total=batch)
     return PerturbationResult(curves, original_logit)
 
 
@@ -353,8 +493,6 @@ def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_N
     "empty" embedding, so their similarity *rises* as tokens are removed and the curve measures
     that drift rather than the explanation.
     """
-    from tqdm.auto import tqdm
-
     if removal not in ("attention", "mask_token"):
         raise ValueError(f"removal must be 'attention' or 'mask_token', got {removal!r}")
     family = family_for(model)
@@ -362,8 +500,6 @@ def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_N
     if removal == "mask_token":
         mask_token = default_mask_token(model) if mask_token is None else int(mask_token)
     hook = family.final_hidden_hook
-    curves = {m: {mode: torch.zeros(len(pairs), len(FRACTIONS), dtype=torch.float64) for mode in modes}
-              for m in methods}
     original = torch.zeros(len(pairs), dtype=torch.float64)
 
     def pooled(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -377,35 +513,37 @@ def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_N
             family.forward(tokens.to(device), mask.to(device), [(hook, grab)])
         return mean_pool(store["h"].double(), mask.to(store["h"].device)).cpu()
 
-    removed = -1  # sentinel id for removed tokens
-    for i, (a, b) in enumerate(tqdm(pairs, disable=not progress, desc="similarity perturbation")):
-        needed = _explained_methods(methods) or ["grad_x_input"]  # one run gives the tokens
-        explained = {m: explain_similarity(model, a, b, method=m) for m in needed}
-        ref = explained[needed[0]]
-        tokens, mask = ref.tokens.cpu(), ref.attention_mask.cpu()
-        original[i] = float(ref.target_value.sum())
-        lengths = mask.sum(-1)
-        whole = pooled(tokens, mask)
-        # rollout: averaged over the rows that are pooled (the real tokens)
-        maps = _maps(methods, explained, tokens.shape, seed + i,
-                     lambda: mean_pool(rollout_matrix(model, tokens.to(device), mask.to(device)).cpu(), mask))
-        for m, relevance in maps.items():
-            rows, masks = [], []
-            for r in range(2):
-                n = int(lengths[r])
-                perturbable = torch.zeros(tokens.shape[1], dtype=torch.bool)
-                perturbable[1 : n - 1] = True
-                for mode in modes:
-                    if removal == "attention":
-                        steps = perturbed_inputs(tokens[r], relevance[r], perturbable, mode, removed)
-                        rows.append(torch.where(steps == removed, tokens[r], steps))
-                        masks.append(mask[r] * (steps != removed).long())
-                    else:
-                        rows.append(perturbed_inputs(tokens[r], relevance[r], perturbable, mode, mask_token))
-                        masks.append(mask[r].expand(len(FRACTIONS), -1))
-            embeddings = pooled(torch.cat(rows), torch.cat(masks)).view(2, len(modes), len(FRACTIONS), -1)
-            for j, mode in enumerate(modes):
-                sims = [torch.nn.functional.cosine_similarity(embeddings[r, j], whole[1 - r][None], dim=-1)
-                        for r in range(2)]
-                curves[m][mode][i] = (sims[0] + sims[1]) / 2
+    def remove(unit: Unit, removed: Tensor) -> Tuple[Tensor, Tensor]:
+        """Both sentences at one step (each perturbed by its own map): ``(tokens, mask) [2, pos]``."""
+        tokens, mask = unit.data["tokens"], unit.data["mask"]
+        if removal == "attention":
+            return tokens, mask * (~removed).long()
+        return torch.where(removed, mask_token, tokens), mask
+
+    def score(unit: Unit, inputs: Tuple[Tensor, Tensor]) -> Dict[str, Tensor]:
+        """Each perturbed sentence against the other one whole; the two directions averaged."""
+        embeddings = pooled(*inputs).view(-1, 2, unit.data["whole"].shape[-1])
+        whole = unit.data["whole"]
+        sims = [torch.nn.functional.cosine_similarity(embeddings[:, r], whole[1 - r][None], dim=-1) for r in range(2)]
+        return {"similarity": (sims[0] + sims[1]) / 2}
+
+    def units():
+        for i, (a, b) in enumerate(pairs):
+            needed = _explained_methods(methods) or ["grad_x_input"]  # one run gives the tokens
+            explained = {m: explain_similarity(model, a, b, method=m) for m in needed}
+            ref = explained[needed[0]]
+            tokens, mask = ref.tokens.cpu(), ref.attention_mask.cpu()
+            original[i] = float(ref.target_value.sum())
+            # rollout: averaged over the rows that are pooled (the real tokens)
+            maps = _maps(methods, explained, tokens.shape, seed + i,
+                         lambda: mean_pool(rollout_matrix(model, tokens.to(device), mask.to(device)).cpu(), mask))
+            perturbable = torch.zeros(tokens.shape, dtype=torch.bool)
+            for r, n in enumerate(mask.sum(-1).tolist()):
+                perturbable[r, 1 : n - 1] = True  # [CLS] and [SEP] stay
+            yield Unit(i, maps, perturbable, {"tokens": tokens, "mask": mask, "whole": pooled(tokens, mask)})
+
+    protocol = Perturbation({mode: mode for mode in modes}, FRACTIONS, ceil_steps, remove, score, ("similarity",))
+    curves = perturbation_curves(protocol, units(), methods, len(pairs), progress, "similarity perturbation",
+                                 total=len(pairs))
+    curves = {m: {mode: c["similarity"] for mode, c in by_mode.items()} for m, by_mode in curves.items()}
     return SimilarityResult(curves, original)

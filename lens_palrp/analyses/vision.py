@@ -1,9 +1,10 @@
 """Vision evaluation (REFERENCE.md section 4): pixel perturbation and segmentation, and overlays.
 
-* **Perturbation**: pixels are removed (set to 0, the normalized mean colour, in every channel)
-  in order of a map at fractions 0.1..0.9; **positive** removes the most relevant first (a
-  faithful map makes the accuracy drop fast: lower area is better), **negative** the least
-  relevant first (higher is better). The area is the trapezoid over f in [0, 0.9] including the
+* **Perturbation** (the loop shared with the text protocols, ``faithfulness.perturbation_curves``):
+  pixels are removed (set to 0, the normalized mean colour, in every channel) in order of a map
+  at fractions 0.1..0.9; **positive** removes the most relevant first (a faithful map makes the
+  accuracy drop fast: lower area is better), **negative** the least relevant first (higher is
+  better). The area is the trapezoid over f in [0, 0.9] including the
   unperturbed image at f = 0, divided by 0.9: the mean accuracy (or target probability) in percent.
 * **Segmentation**: each map thresholded at its own mean gives a foreground; pixel accuracy and
   mIoU (mean of foreground and background IoU) against the true mask, and mAP (average precision
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor
 
 from lens_palrp.analyses.common import in_eval_mode
-from lens_palrp.analyses.faithfulness import _explained_methods
+from lens_palrp.analyses.faithfulness import (Perturbation, Unit, _explained_methods, perturbation_curves,
+                                              removal_ranks, removed_at, trapezoid)
 from lens_palrp.engine import explain
 
 VISION_FRACTIONS = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], dtype=torch.float64)
@@ -52,14 +54,23 @@ def vision_maps(model, images: Tensor, targets: Tensor, methods: Sequence[str] =
     return {m: v.detach().double().cpu() for m, v in out.items()}
 
 
+# positive: the most relevant pixels go first (= the language protocols' morf); negative: the
+# least relevant first (= pruning)
+ORDERS = {"positive": "morf", "negative": "pruning"}
+
+
+def round_steps(fraction: float, n: Tensor) -> Tensor:
+    """``round(f N)`` pixels per image at step ``f`` (half to even, as Python's ``round``)."""
+    return torch.round(fraction * n.double()).long()
+
+
 def removal_masks(pixel_map: Tensor, fraction: float, most_relevant_first: bool) -> Tensor:
     """``[batch, H, W]`` booleans: the ``round(fraction * H * W)`` pixels to remove per image."""
-    b = pixel_map.shape[0]
-    flat = pixel_map.reshape(b, -1)
-    k = int(round(fraction * flat.shape[1]))
-    order = flat.argsort(dim=-1, descending=most_relevant_first, stable=True)
-    removed = torch.zeros_like(flat, dtype=torch.bool)
-    removed.scatter_(1, order[:, :k], True)
+    flat = pixel_map.reshape(pixel_map.shape[0], -1)
+    everywhere = torch.ones_like(flat, dtype=torch.bool)
+    order = ORDERS["positive" if most_relevant_first else "negative"]
+    removed = removed_at(removal_ranks(flat, everywhere, order), everywhere, order,
+                         round_steps(fraction, everywhere.sum(-1)))
     return removed.reshape(pixel_map.shape)
 
 
@@ -74,13 +85,11 @@ class VisionPerturbationResult:
         """Per-image areas in percent: ``{positive,negative}_{accuracy,prob}_auc``."""
         out = {}
         x = self.fractions
-        dx = x[1:] - x[:-1]
         for method, orders in self.curves.items():
             out[method] = {}
             for order, quantities in orders.items():
                 for q, curve in quantities.items():
-                    area = ((curve[:, 1:] + curve[:, :-1]) * 0.5 * dx).sum(-1) / (x[-1] - x[0])
-                    out[method][f"{order}_{q}_auc"] = 100 * area
+                    out[method][f"{order}_{q}_auc"] = 100 * (trapezoid(curve, x) / (x[-1] - x[0]))
         return out
 
 
@@ -93,20 +102,23 @@ def vision_perturbation_test(model, images: Tensor, labels: Tensor, maps: Dict[s
     dtype = next(model.parameters()).dtype
     images = images.to(device, dtype)
     labels = labels.to(device)
-    curves = {}
-    for method, pixel_map in maps.items():
-        curves[method] = {}
-        for order in ("positive", "negative"):
-            acc = torch.zeros(images.shape[0], len(VISION_FRACTIONS), dtype=torch.float64)
-            prob = torch.zeros_like(acc)
-            for j, f in enumerate(VISION_FRACTIONS.tolist()):
-                removed = removal_masks(pixel_map, f, most_relevant_first=order == "positive").to(device)
-                perturbed = torch.where(removed[:, None], torch.full_like(images, fill), images)
-                with torch.no_grad():
-                    logits = model(perturbed).double()
-                acc[:, j] = (logits.argmax(-1) == labels).double().cpu()
-                prob[:, j] = logits.softmax(-1).gather(-1, labels[:, None])[:, 0].cpu()
-            curves[method][order] = {"accuracy": acc, "prob": prob}
+
+    def remove(unit: Unit, removed: Tensor) -> Tensor:
+        removed = removed.reshape(images.shape[0], *images.shape[-2:]).to(device)
+        return torch.where(removed[:, None], torch.full_like(images, fill), images)
+
+    def score(unit: Unit, perturbed: Tensor) -> Dict[str, Tensor]:
+        with torch.no_grad():
+            logits = model(perturbed).double()
+        return {"accuracy": (logits.argmax(-1) == labels).double().cpu()[None],
+                "prob": logits.softmax(-1).gather(-1, labels[:, None])[:, 0].cpu()[None]}
+
+    flat = {m: pixel_map.reshape(pixel_map.shape[0], -1).cpu() for m, pixel_map in maps.items()}
+    everywhere = torch.ones(images.shape[0], images.shape[-2] * images.shape[-1], dtype=torch.bool)
+    # one unit, the whole batch; one forward per step
+    protocol = Perturbation(ORDERS, VISION_FRACTIONS, round_steps, remove, score, ("accuracy", "prob"),
+                            steps_per_forward=1)
+    curves = perturbation_curves(protocol, [Unit(slice(None), flat, everywhere)], list(maps), images.shape[0])
     return VisionPerturbationResult(curves)
 
 
