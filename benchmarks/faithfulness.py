@@ -231,13 +231,12 @@ def render(models: dict, seed: int, command: str, reading: str) -> list:
 
 
 def paired_line(metrics: dict, columns, seed: int, a: str = "pa_lrp", b: str = "attn_lrp") -> str:
-    """PA-LRP minus AttnLRP per sample (same inputs), mean with a bootstrap interval, and relative."""
+    """PA-LRP minus AttnLRP per sample (same inputs), mean with a paired bootstrap interval, and relative."""
     if a not in metrics or b not in metrics:
         return ""
     cells = []
     for key, label in columns:
-        diff = metrics[a][key] - metrics[b][key]
-        mean, low, high = fa.bootstrap_mean(diff, seed=seed)
+        mean, low, high = fa.paired_difference(metrics[a][key], metrics[b][key], seed=seed)
         base = float(metrics[b][key].mean())
         rel = f", {100 * mean / abs(base):+.1f}%" if base else ""
         cells.append(f"{label} {mean:+.3f} [{low:+.3f}, {high:+.3f}]{rel}")

@@ -30,8 +30,8 @@ def positional_share(vit, images, labels) -> dict:
     attr = lp.explain(vit, images, labels, method="pa_lrp")
     semantic = attr.semantic.abs().sum(-1)
     positional = attr.positional_input.abs().sum(-1) + attr.positional.abs().sum((1, 2, 3))
-    sem_pos = attr.semantic_positive.sum(-1)
-    pos_pos = attr.positional_input_positive.sum(-1) + attr.positional_layer_positive.sum((1, 2))
+    sem_pos = attr.combined("relu", parts="semantic").sum(-1)
+    pos_pos = attr.combined("relu", parts="positional").sum(-1)
     return {"mass": positional / (semantic + positional), "positive": pos_pos / (sem_pos + pos_pos)}
 
 

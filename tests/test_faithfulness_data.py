@@ -54,3 +54,17 @@ def test_quick_run_writes_only_under_the_ignored_out_folder(bench):
     assert store == os.path.join(ROOT, "benchmarks", "results", "faithfulness")
     with open(os.path.join(ROOT, ".gitignore"), encoding="utf-8") as f:
         assert "benchmarks/out/" in f.read().split()
+
+
+def test_paired_line_is_a_minus_b_resampled_in_pairs(bench):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(100, generator=g, dtype=torch.float64) * 10 + 20
+    metrics = {"pa_lrp": {"x": base - 2.0}, "attn_lrp": {"x": base}}
+    line = bench.paired_line(metrics, [("x", "X")], seed=0)
+    # every sample 2 lower: the paired interval is exactly -2; resampling the two methods apart
+    # would spread it over about +-4; -10% of AttnLRP's mean
+    rel = 100 * -2.0 / abs(float(base.mean()))
+    assert line == f"Paired, pa_lrp minus attn_lrp on the same samples: X -2.000 [-2.000, -2.000], {rel:+.1f}%."
+    assert bench.paired_line({"pa_lrp": metrics["pa_lrp"]}, [("x", "X")], seed=0) == ""
