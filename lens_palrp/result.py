@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from lens_palrp.records import Records
 
 AGGREGATIONS = ("relu", "abs", "signed")
 PARTS = ("all", "semantic", "positional")
@@ -38,6 +40,119 @@ def _detached(value):
     if isinstance(value, dict) and any(isinstance(v, Tensor) for v in value.values()):
         return {k: v.detach() if isinstance(v, Tensor) else v for k, v in value.items()}
     return value
+
+
+# ------------------------------------------------------------------------------------ field table
+# Every field of ``Attribution`` and of its internal ``Reductions`` declares here, beside its type,
+# what kind of value it holds and its shape in the symbols below. The engine's finiteness check,
+# the file format (io.py), ``to``, ``attr[i]`` and the tests read this table; nothing spells the
+# field list out a second time.
+TENSOR = "tensor"          # a public tensor; an Optional one may be None
+RECORDS = "records"        # a Records (dict of [batch, ...] tensors by hook name)
+VALUE = "value"            # plain Python data (JSON in a file); per example when its shape is (batch,)
+FILE = "file"              # what ``load`` read from a file's header (format and package versions)
+REDUCTIONS = "reductions"  # the internal Reductions of combined() and conservation()
+REDUCTION = "reduction"    # one tensor of Reductions
+
+SYMBOLS = ("batch", "pos", "layers", "layers+1", "heads", "height", "width", "...")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One row of the field table: ``shape`` in ``SYMBOLS`` (``()``: no batch dimension, the value
+    is shared by the examples; ``"..."``: any trailing dimensions); ``finite``: the engine refuses
+    a result where this tensor holds NaN or inf; ``required``: it has no default."""
+
+    name: str
+    kind: str
+    shape: Tuple[str, ...]
+    finite: bool = False
+    required: bool = True  # the constructor needs it (no default)
+
+    @property
+    def per_example(self) -> bool:
+        """Its first dimension is the batch: ``attr[i]`` indexes it."""
+        return self.shape[:1] == ("batch",)
+
+    def expected_shape(self, sizes: Dict[str, int]) -> Optional[Tuple[int, ...]]:
+        """The full shape from the sizes of the symbols, None where it has free dimensions or a
+        symbol has no size (``height`` and ``width`` without the vision facts)."""
+        if self.kind not in (TENSOR, REDUCTION) or not all(s in sizes for s in self.shape):
+            return None
+        return tuple(sizes[s] for s in self.shape)
+
+
+def _spec(kind: str, shape: str = "", finite: bool = False, **kwargs):
+    """A dataclass field carrying its row of the field table (read by ``_table``)."""
+    return field(metadata={"lens_palrp": (kind, tuple(shape.split()), finite)}, **kwargs)
+
+
+def _table(cls) -> Tuple[FieldSpec, ...]:
+    out = []
+    for f in fields(cls):
+        kind, shape, finite = f.metadata["lens_palrp"]
+        assert all(s in SYMBOLS for s in shape), (f.name, shape)
+        assert kind not in (TENSOR, RECORDS, REDUCTION) or shape[:1] == ("batch",), (f.name, shape)
+        required = f.default is MISSING and f.default_factory is MISSING
+        out.append(FieldSpec(f.name, kind, shape, finite, required))
+    return tuple(out)
+
+
+def shape_sizes(batch: int, pos: int, layers: int, heads: int, image_size=None) -> Dict[str, int]:
+    """The size of every shape symbol (``image_size``: ``[height, width]`` of a vision model)."""
+    sizes = {"batch": batch, "pos": pos, "layers": layers, "layers+1": layers + 1, "heads": heads}
+    if image_size is not None:
+        sizes["height"], sizes["width"] = int(image_size[0]), int(image_size[1])
+    return sizes
+
+
+def _batch_slice(index, batch: int) -> slice:
+    """``attr[index]``'s rows as a slice: an int keeps its example as a batch of one."""
+    if isinstance(index, slice):
+        return index
+    if isinstance(index, bool) or not isinstance(index, int):
+        if not (isinstance(index, Tensor) and index.numel() == 1 and not index.dtype.is_floating_point):
+            raise TypeError(f"an Attribution is indexed by an int or a slice of its examples, got {index!r}")
+    i = check_index(index, batch)
+    return slice(i, i + 1)
+
+
+@dataclass
+class Reductions:
+    """Internal: the per-sink reductions ``combined()`` and ``conservation()`` read, which the
+    public fields (sums over channels, heads or layers) no longer hold. Not part of the API: the
+    engine fills them, ``save``/``load`` keep them, ``attr[i]`` and ``to`` carry them along.
+
+    ``semantic_positive`` / ``positional_input_positive``: the positive parts of every channel of
+    the token and the input-PE sinks, summed over channels (Eq. 11's "relu"); per layer,
+    ``positional_layer_positive`` and ``positional_layer_abs`` the same for the attention-level
+    positional tables (relu of each channel, and the authors' abs of each table's channel sum);
+    ``softmax_absorbed_per_layer`` what the softmax rules absorbed; ``positional_leak_per_layer``
+    and ``positional_leak_input`` the positional relevance of a method without PE rules.
+    """
+
+    semantic_positive: Tensor = _spec(REDUCTION, "batch pos")
+    positional_input_positive: Tensor = _spec(REDUCTION, "batch pos")
+    positional_layer_positive: Tensor = _spec(REDUCTION, "batch layers pos")
+    positional_layer_abs: Tensor = _spec(REDUCTION, "batch layers pos")
+    softmax_absorbed_per_layer: Tensor = _spec(REDUCTION, "batch layers")
+    positional_leak_per_layer: Tensor = _spec(REDUCTION, "batch layers")
+    positional_leak_input: Tensor = _spec(REDUCTION, "batch")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, _detached(value))
+
+    def _map(self, fn) -> "Reductions":
+        return Reductions(**{s.name: fn(getattr(self, s.name)) for s in REDUCTION_FIELDS})
+
+    def to(self, device) -> "Reductions":
+        return self._map(lambda t: t.to(device))
+
+    def select(self, rows: slice) -> "Reductions":
+        return self._map(lambda t: t[rows])
+
+
+REDUCTION_FIELDS: Tuple[FieldSpec, ...] = _table(Reductions)
 
 
 @dataclass
@@ -126,44 +241,50 @@ class Attribution:
     ``mlp`` the relevance of each layer's MLP neurons (without ``b_out``); ``residual`` the
     relevance of the residual stream entering each layer, and the final one.
     Padded positions (``attention_mask == 0``) hold zeros.
+
+    ``hooks`` and ``gradients`` are ``Records``: dicts by hook name that also take TransformerLens'
+    ``(name, layer)`` shorthand (``attr.hooks["pattern", 0]``, ``attr.hooks["rot_k", -1]``).
+    ``attr[i]`` is example ``i`` as a batch of one (``attr[1:3]`` a sub-batch), every field cut
+    alike. Each field's kind and shape is declared with it (``FIELDS`` lists them); ``_reductions``
+    is internal (see ``Reductions``).
     """
 
-    semantic: Tensor
-    positional: Tensor
-    positional_input: Tensor
-    heads: Tensor
-    heads_by_pos: Tensor
-    mlp: Tensor
-    residual: Tensor
-    target_value: Tensor
-    tokens: Tensor
-    str_tokens: List[List[str]]
-    method: str
-    attention_mask: Tensor
-    target_position: Tensor
-    hooks: Dict[str, Tensor] = field(default_factory=dict)
-    gradients: Dict[str, Tensor] = field(default_factory=dict)  # explain(record_gradients=...)
+    semantic: Tensor = _spec(TENSOR, "batch pos", finite=True)
+    positional: Tensor = _spec(TENSOR, "batch layers heads pos", finite=True)
+    positional_input: Tensor = _spec(TENSOR, "batch pos", finite=True)
+    heads: Tensor = _spec(TENSOR, "batch layers heads")
+    heads_by_pos: Tensor = _spec(TENSOR, "batch layers heads pos", finite=True)
+    mlp: Tensor = _spec(TENSOR, "batch layers pos", finite=True)
+    residual: Tensor = _spec(TENSOR, "batch layers+1 pos", finite=True)
+    target_value: Tensor = _spec(TENSOR, "batch")
+    tokens: Tensor = _spec(TENSOR, "batch pos")
+    str_tokens: List[List[str]] = _spec(VALUE, "batch")
+    method: str = _spec(VALUE)
+    attention_mask: Tensor = _spec(TENSOR, "batch pos")
+    target_position: Tensor = _spec(TENSOR, "batch")
+    # relevance (and, with explain(record_gradients=...), gradients) at hook points, by hook name
+    hooks: Records = _spec(RECORDS, "batch ...", default_factory=dict)
+    gradients: Records = _spec(RECORDS, "batch ...", default_factory=dict)
     # BERT-style token-type (segment) embedding: a third input sink, neither token nor position
-    token_type: Optional[Tensor] = None
-    # per-sink reductions needed by combined(): positive part and "abs" (authors' code) variants
-    semantic_positive: Optional[Tensor] = None
-    positional_input_positive: Optional[Tensor] = None
-    positional_layer_positive: Optional[Tensor] = None
-    positional_layer_abs: Optional[Tensor] = None
-    softmax_absorbed_per_layer: Optional[Tensor] = None
-    positional_leak_per_layer: Optional[Tensor] = None
-    positional_leak_input: Optional[Tensor] = None
-    model_name: str = ""
-    metadata: Dict[str, object] = field(default_factory=dict)  # versions etc. of a loaded file
+    token_type: Optional[Tensor] = _spec(TENSOR, "batch pos", finite=True, default=None)
+    model_name: str = _spec(VALUE, default="")
+    metadata: Dict[str, object] = _spec(FILE, default_factory=dict)  # versions etc. of a loaded file
     # vision transformers: pixel relevance [batch, H, W] (patch rule on the patch embedding) and
     # the grid facts {"grid", "patch_size", "n_prefix", "image_size", "patch_rule", "gamma"}
-    pixels: Optional[Tensor] = None
-    vision: Optional[Dict[str, object]] = None
+    pixels: Optional[Tensor] = _spec(TENSOR, "batch height width", default=None)
+    vision: Optional[Dict[str, object]] = _spec(VALUE, default=None)
+    # internal: what combined() and conservation() read besides the public fields (see Reductions)
+    _reductions: Optional[Reductions] = _spec(REDUCTIONS, default=None)
 
     def __setattr__(self, name, value):
         # every tensor is detached as it is stored (by __init__ and by later assignments such as
         # the engine's attr.pixels = ...), so no Attribution ever holds an autograd graph
-        super().__setattr__(name, _detached(value))
+        value = _detached(value)
+        if name in ("hooks", "gradients") and (value is None or isinstance(value, dict)):
+            positional = self.__dict__.get("positional")
+            n_layers = int(positional.shape[1]) if isinstance(positional, Tensor) and positional.ndim == 4 else None
+            value = Records(value, n_layers=n_layers, what="relevance" if name == "hooks" else "gradient")
+        super().__setattr__(name, value)
 
     @property
     def batch_size(self) -> int:
@@ -197,15 +318,17 @@ class Attribution:
         use_pos = parts in ("all", "positional")
         out = torch.zeros_like(self.semantic)
         if aggregation == "relu":
+            r = self._require_reductions("combined('relu')")
             if use_sem:
-                out = out + self.semantic_positive
+                out = out + r.semantic_positive
             if use_pos:
-                out = out + self.positional_input_positive + self.positional_layer_positive.sum(1)
+                out = out + r.positional_input_positive + r.positional_layer_positive.sum(1)
         elif aggregation == "abs":
+            r = self._require_reductions("combined('abs')")
             if use_sem:
                 out = out + self.semantic
             if use_pos:
-                out = out + self.positional_input.abs() + self.positional_layer_abs.sum(1)
+                out = out + self.positional_input.abs() + r.positional_layer_abs.sum(1)
         else:
             if use_sem:
                 out = out + self.semantic
@@ -217,6 +340,12 @@ class Attribution:
             scale = out.abs().amax(dim=-1, keepdim=True)
             out = out / torch.where(scale == 0, torch.ones_like(scale), scale)
         return out
+
+    def _require_reductions(self, what: str) -> Reductions:
+        if self._reductions is None:
+            raise ValueError(f"{what} needs the internal reductions that lp.explain and Attribution.load "
+                             "provide; this Attribution was built without them (_reductions=None)")
+        return self._reductions
 
     # ------------------------------------------------------------------ vision
     def _require_vision(self) -> Dict[str, object]:
@@ -265,14 +394,15 @@ class Attribution:
 
     def conservation(self) -> Conservation:
         """Target value, totals of every sink, and what the rules absorbed, as numbers."""
+        r = self._require_reductions("conservation()")
         semantic = self.semantic.sum(-1)
         positional_input = self.positional_input.sum(-1)
         per_layer = self.positional.sum((2, 3))
         positional = per_layer.sum(-1)
-        softmax_layers = self.softmax_absorbed_per_layer
+        softmax_layers = r.softmax_absorbed_per_layer
         softmax = softmax_layers.sum(-1)
-        leak_layers = self.positional_leak_per_layer
-        leak = leak_layers.sum(-1) + self.positional_leak_input
+        leak_layers = r.positional_leak_per_layer
+        leak = leak_layers.sum(-1) + r.positional_leak_input
         token_type = self.token_type.sum(-1) if self.token_type is not None else torch.zeros_like(semantic)
         other = self.target_value - semantic - positional_input - positional - token_type - leak - softmax
         resid = self.residual.sum(-1)
@@ -323,30 +453,55 @@ class Attribution:
         return write_report(self, path, check_index(index, self.batch_size), title)
 
     def save(self, path: str, model_config=None) -> str:
-        """Tensors to ``path`` (safetensors), metadata (method, tokens and their strings, model
-        name and config, format and package versions) to ``path + '.json'``."""
+        """Write one safetensors file at ``path`` (save format 2) and return ``path``.
+
+        The tensors are named ``field.<name>``, ``hook.<hook>``, ``grad.<hook>`` and
+        ``reduction.<name>``; the rest (method, tokens' strings, model name, vision facts, the
+        format and package versions and ``model_config``'s fields when given) is JSON in the file's
+        header under the key ``"lens_palrp"``. docs/results.md describes the format."""
         from lens_palrp.io import save_attribution
 
         return save_attribution(self, path, model_config)
 
     @classmethod
     def load(cls, path: str) -> "Attribution":
-        """Read what ``save`` wrote; a file from a newer format version raises ``ValueError``."""
+        """Read a file ``save`` wrote: format 2 (one file), or format 1 (``path`` and the metadata
+        beside it in ``path + '.json'``). A file from a newer format raises ``ValueError``; so do a
+        corrupt file and tensors whose shapes disagree (naming the field); a missing file raises
+        ``FileNotFoundError``. ``attr.metadata`` is the file's header (versions, model config)."""
         from lens_palrp.io import load_attribution
 
         return load_attribution(path)
 
-    def to(self, device) -> "Attribution":
-        """A copy with every tensor moved to ``device``."""
-        moved = {}
-        for name, value in self.__dict__.items():
-            if isinstance(value, Tensor):
-                moved[name] = value.to(device)
-            elif name in ("hooks", "gradients"):
-                moved[name] = {k: v.to(device) for k, v in value.items()}
+    def _map(self, tensor, records, reductions, per_example) -> "Attribution":
+        """A copy with every field transformed by kind, as the field table declares it."""
+        out = {}
+        for spec in FIELDS:
+            value = getattr(self, spec.name)
+            if value is None:
+                out[spec.name] = None
+            elif spec.kind == TENSOR:
+                out[spec.name] = tensor(value)
+            elif spec.kind == RECORDS:
+                out[spec.name] = records(value) if isinstance(value, Records) else value
+            elif spec.kind == REDUCTIONS:
+                out[spec.name] = reductions(value)
+            elif spec.per_example:
+                out[spec.name] = per_example(value)
             else:
-                moved[name] = value
-        return Attribution(**moved)
+                out[spec.name] = value
+        return Attribution(**out)
+
+    def to(self, device) -> "Attribution":
+        """A copy with every tensor (records and internal reductions too) moved to ``device``."""
+        return self._map(lambda t: t.to(device), lambda r: r.to(device), lambda r: r.to(device), lambda v: v)
+
+    def __getitem__(self, index: Union[int, slice]) -> "Attribution":
+        """Example ``index`` as an ``Attribution`` of batch one (the batch dimension is kept), or
+        the examples of a slice: every per-example field is cut alike, tensors as views."""
+        rows = _batch_slice(index, self.batch_size)
+        return self._map(lambda t: t[rows], lambda r: r.select(rows), lambda r: r.select(rows),
+                         lambda v: v[rows])
 
     def __repr__(self) -> str:
         b, layers, heads, pos = self.positional.shape
@@ -354,3 +509,18 @@ class Attribution:
             f"Attribution(method={self.method!r}, batch={b}, pos={pos}, layers={layers}, "
             f"heads={heads}, target_value={[round(float(v), 4) for v in self.target_value]})"
         )
+
+
+FIELDS: Tuple[FieldSpec, ...] = _table(Attribution)
+FIELDS_BY_NAME: Dict[str, FieldSpec] = {s.name: s for s in FIELDS}
+
+
+def check_finite(attr: Attribution) -> None:
+    """Refuse (``FloatingPointError``, naming the field) a result where a relevance the table
+    marks ``finite`` holds NaN or inf."""
+    for spec in FIELDS:
+        value = getattr(attr, spec.name)
+        if spec.finite and value is not None and not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(
+                f"the relevance '{spec.name}' contains NaN or inf; check the model's weights and inputs"
+            )
