@@ -230,6 +230,11 @@ def test_shape_mismatch_names_the_field(saved):
         edit_tensors(saved, lambda d: d.update({key: cut}))
         refused(ValueError, saved, fragment)
         edit_tensors(saved, lambda d: d.update({key: t[key]}))
+    edit_tensors(saved, lambda d: d.update({"field.semantic": t["field.semantic"][:1]}))
+    refused(ValueError, saved, f"'semantic' has shape (1, {p}), expected [batch, pos] with batch {b}")
+    edit_tensors(saved, lambda d: d.update({"field.semantic": t["field.semantic"][:, :-1]}))
+    refused(ValueError, saved, f"str_tokens has a row of {p} tokens, the tensors have {p - 1} positions")
+    edit_tensors(saved, lambda d: d.update({"field.semantic": t["field.semantic"]}))
     edit_meta(saved, lambda m: m["model_config"].update(n_layers=7))
     refused(ValueError, saved, "model config n_layers=7")
 
@@ -248,7 +253,9 @@ def test_missing_or_unknown_contents_are_named(saved):
     edit_tensors(saved, lambda d: d.update({"field.semantic": t["field.semantic"]}))
     edit_meta(saved, lambda m: m["fields"].update(colour="red"))
     refused(ValueError, saved, "unknown Attribution fields ['colour']")
-    edit_meta(saved, lambda m: (m["fields"].pop("colour"), m["fields"].pop("str_tokens")))
+    edit_meta(saved, lambda m: (m["fields"].pop("colour"), m["fields"].update(pixels=[1, 2])))
+    refused(ValueError, saved, "field 'pixels' must be a tensor, got list")
+    edit_meta(saved, lambda m: (m["fields"].update(pixels=None), m["fields"].pop("str_tokens")))
     refused(ValueError, saved, "lacks the fields ['str_tokens']")
 
 
@@ -359,3 +366,17 @@ def test_version_1_errors(v1_copy):
     open(path + ".json", "w").write(text)
     os.remove(path)
     refused(FileNotFoundError, path, "is missing (its metadata")
+
+
+def test_vision_attribution_round_trips_and_checks_pixels(tmp_path):
+    from lens_palrp.zoo import shapes
+
+    vit = shapes.load()
+    attr = lp.explain(vit, shapes.batch(2, seed=3)[0], torch.tensor([0, 1]), record=["blocks.0.attn.hook_pattern"])
+    path = attr.save(str(tmp_path / "vit.safetensors"), model_config=vit.cfg)
+    back = lp.Attribution.load(path)
+    assert_same(attr, back)
+    assert back.vision == attr.vision and torch.equal(back.pixel_map("pixels"), attr.pixel_map("pixels"))
+    h, w = attr.pixels.shape[1:]
+    edit_tensors(path, lambda d: d.update({"field.pixels": d["field.pixels"][:, : h // 2]}))
+    refused(ValueError, path, f"'pixels' has shape (2, {h // 2}, {w}), expected (2, {h}, {w})")
