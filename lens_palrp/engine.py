@@ -13,7 +13,7 @@ activation-sized relevance tensor is kept unless the user asks for it with ``rec
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from lens_palrp.roles import HookRole, Role
 from lens_palrp.inputs import HookNames, resolve_hook_names
 from lens_palrp.methods import Method, get_method
 from lens_palrp.positional import PositionalEncoding, encoding_for
+from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_relevance
 from lens_palrp.safety import model_left_unchanged
@@ -117,7 +118,7 @@ class Sweep:
         self.capture(*self.encoding.reads())
 
     # -- one hook function per hook point --------------------------------------------------------
-    def hook_fns(self, names: Sequence[str]) -> List[Tuple[str, Callable]]:
+    def hook_fns(self, names: Iterable[str]) -> List[Tuple[str, Callable]]:
         """One hook function per hook *point*: names that are aliases of one point (a bridge's
         ``hook_pos_embed`` and ``pos_embed.hook_out``) share it, so a record of either sees the
         activation after the role's rule, whatever order the hooks would have run in."""
@@ -435,8 +436,8 @@ def _assemble(sweep: Sweep, prepared, value: Tensor, sink_relevance: Dict[Role, 
         method=sweep.method.name,
         attention_mask=mask,
         target_position=prepared.positions,
-        hooks=sweep.records,
-        gradients=sweep.gradients,
+        hooks=Records(sweep.records, n_layers=sweep.family.n_layers, what="relevance"),
+        gradients=Records(sweep.gradients, n_layers=sweep.family.n_layers, what="gradient"),
         model_name=str(getattr(sweep.family.cfg, "model_name", "")),
         _reductions=Reductions(
             semantic_positive=r_embed.clamp(min=0).sum(-1),

@@ -21,10 +21,7 @@ from typing import Dict, Iterable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-try:  # TransformerLens 3.x has both spellings (``utils`` warns); 4.x only ``utilities``
-    from transformer_lens.utilities import get_act_name
-except ImportError:  # pragma: no cover - older TransformerLens
-    from transformer_lens.utils import get_act_name
+from transformer_lens.utilities import get_act_name  # 3.9 and 4.x (3.x's ``utils`` spelling warns)
 
 Key = Union[str, Tuple]
 
