@@ -58,8 +58,7 @@ class ModelFamily(abc.ABC):
     # --------------------------------------------------------------- the contract, checked
     def check_contract(self) -> None:
         """Raise ``TypeError`` naming every annotated fact ``__init__`` left unset."""
-        missing = [name for klass in type(self).__mro__ for name in getattr(klass, "__annotations__", {})
-                   if klass is ModelFamily and not hasattr(self, name)]
+        missing = [name for name in ModelFamily.__annotations__ if not hasattr(self, name)]
         if missing:
             raise TypeError(f"{type(self).__name__} does not set the family facts {missing}")
 
