@@ -96,7 +96,12 @@ class Sweep:
 
     def take(self, role: Role, layer: Optional[int]) -> Tensor:
         """A captured output; released once its last reader took it."""
-        entry = self._captured[(role, layer)]
+        entry = self._captured.get((role, layer))
+        if entry is None:
+            raise NotImplementedError(
+                f"{self.family.name}: a rule of method {self.method.name!r} reads the output of {role.name} in layer "
+                f"{layer}, but this model has no hook point of that role there (or it was read already)"
+            )
         entry[1] -= 1
         if entry[1] == 0:
             del self._captured[(role, layer)]
