@@ -1,5 +1,5 @@
 """Vision faithfulness on the shipped shapes ViT: pixel perturbation and segmentation, written to
-``benchmarks/results/vision.md`` (REFERENCE.md section 4; ``lens_palrp.analyses.vision``).
+``benchmarks/results/vision.md`` (docs/evaluation.md, "Vision"; ``lens_palrp.analyses.vision``).
 
     python benchmarks/vision.py           # 500 held-out images (about 2 minutes on 2 CPU cores)
     python benchmarks/vision.py --quick   # 32 images (CI), written to the git-ignored benchmarks/out/

@@ -301,7 +301,7 @@ class Attribution:
         parts: str = "all",
         normalize: Optional[bool] = None,
     ) -> Tensor:
-        """The multi-sink PA-LRP map ``[batch, pos]`` (REFERENCE.md section 2).
+        """The multi-sink PA-LRP map ``[batch, pos]`` (docs/rules.md, "The combined map").
 
         ``aggregation="relu"`` is the paper's Eq. 11: the positive parts of every channel of the
         token sink and of every layer's positional sink, summed. ``"abs"`` follows the authors'

@@ -1,4 +1,4 @@
-"""The perturbation protocol (REFERENCE.md 4) and ground-truth scores."""
+"""The perturbation protocol (docs/evaluation.md) and ground-truth scores."""
 
 import math
 

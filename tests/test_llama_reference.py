@@ -1,4 +1,5 @@
-"""Agreement with an independent implementation on the same weights (REFERENCE.md 3.11).
+"""Agreement with an independent implementation on the same weights (identity 11 of
+docs/identities.md).
 
 A random Hugging Face ``LlamaForCausalLM`` (float64, grouped-query attention) is converted into a
 HookedTransformer; lens_palrp explains the HookedTransformer, ``reference_llama`` explains the
@@ -73,7 +74,8 @@ def test_lens_palrp_matches_independent_reference(pair, method):
     assert rel_err(attr.heads_by_pos, heads) < 1e-6
     if method == "pa_lrp":
         assert rel_err(attr.positional, positional) < 1e-6
-        # identity 10, init side: a tiny positional share with Hugging Face's small-std init
+        # identity 10 (docs/identities.md), init side: a tiny positional share with Hugging
+        # Face's small-std init
         pos_mass = attr.positional.abs().sum()
         assert pos_mass / (pos_mass + attr.semantic.abs().sum()) < 0.01
         assert float(positional.abs().max()) > 1e-6  # ~0.1% of the logit at random init

@@ -91,7 +91,8 @@ def test_sinks_and_conservation(bridge, method):
 
 
 def test_pa_and_attn_lrp_token_maps_agree_for_learned_pe(bridge):
-    """Learned PE: the PE rule only adds the sink; the token map is the same (REFERENCE 2)."""
+    """Learned PE: the PE rule only adds the sink; the token map is the same (docs/rules.md,
+    "What the positional rules change in the token map")."""
     pa = lp.explain_similarity(bridge, A, B)
     attn = lp.explain_similarity(bridge, A, B, method="attn_lrp")
     torch.testing.assert_close(pa.semantic, attn.semantic, rtol=1e-12, atol=1e-14)

@@ -1,4 +1,4 @@
-"""Faithfulness by perturbation (REFERENCE.md section 4, the paper's protocol) and ground truth.
+"""Faithfulness by perturbation (the paper's protocol: docs/evaluation.md) and ground truth.
 
 For each sample the tokens are ordered by a method's relevance and perturbed in 11 steps,
 ``f = 0, 0.1, ..., 1``, ``k = ceil(f N)`` tokens at step ``f``:

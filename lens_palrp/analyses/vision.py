@@ -1,4 +1,4 @@
-"""Vision evaluation (REFERENCE.md section 4): pixel perturbation and segmentation, and overlays.
+"""Vision evaluation: pixel perturbation, segmentation, overlays (docs/evaluation.md, "Vision").
 
 * **Perturbation** (the loop shared with the text protocols, ``faithfulness.perturbation_curves``):
   pixels are removed (set to 0, the normalized mean colour, in every channel) in order of a map
