@@ -61,13 +61,28 @@ def test_at_hook_neuron_target_and_linearity(model):
     torch.testing.assert_close(resid.residual[:, 1].sum(-1), resid.target_value, **D)
 
 
-def test_record_shapes_match_activations(model):
-    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_k", "blocks.1.hook_resid_post", "hook_embed"]
+def test_records_are_activation_times_gradient_and_feed_the_summary_fields(model):
+    """Every record is ``activation * recorded rule-modified gradient`` with the activation's
+    shape (grouped keys included: both folded to the kv heads); the summary fields are sums of
+    the records over channels; the uniform rule on ``A V`` gives the pattern and the values half
+    of the head output's relevance each (no bias inside ``A V``)."""
+    names = ["hook_embed", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_v", "blocks.0.attn.hook_z",
+             "blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.1.mlp.hook_post", "blocks.1.hook_resid_post"]
     t = toks()
-    attr = lp.explain(model, t, 5, record=names)
+    attr = lp.explain(model, t, 5, record=names, record_gradients=names)
     _, cache = model.run_with_cache(t, names_filter=names)
     for n in names:
-        assert attr.hooks[n].shape == cache[n].shape, n
+        assert attr.hooks[n].shape == cache[n].shape == attr.gradients[n].shape, n
+        torch.testing.assert_close(attr.hooks[n], cache[n] * attr.gradients[n], **D)
+        assert float(attr.hooks[n].abs().max()) > 0, n
+    assert attr.hooks["blocks.1.attn.hook_k"].shape[2] == model.cfg.n_key_value_heads < model.cfg.n_heads
+    torch.testing.assert_close(attr.semantic, attr.hooks["hook_embed"].sum(-1), **D)
+    torch.testing.assert_close(attr.heads_by_pos[:, 0], attr.hooks["blocks.0.attn.hook_z"].sum(-1).transpose(1, 2), **D)
+    torch.testing.assert_close(attr.mlp[:, 1], attr.hooks["blocks.1.mlp.hook_post"].sum(-1), **D)
+    torch.testing.assert_close(attr.residual[:, 2], attr.hooks["blocks.1.hook_resid_post"].sum(-1), **D)
+    r_z = attr.hooks["blocks.0.attn.hook_z"].sum((1, 2, 3))
+    torch.testing.assert_close(attr.hooks["blocks.0.attn.hook_pattern"].sum((1, 2, 3)), 0.5 * r_z, **D)
+    torch.testing.assert_close(attr.hooks["blocks.0.attn.hook_v"].sum((1, 2, 3)), 0.5 * r_z, **D)
 
 
 @pytest.mark.parametrize("config", ["llama_like", "gpt2_like", "alibi", "shortformer"])
@@ -98,21 +113,49 @@ def test_string_inputs_are_tokenized_and_padded():
     assert attr.str_tokens[1][-1].strip() == "c"
 
 
-def test_combined_aggregations(model):
-    attr = lp.explain(model, toks(), 5)
-    relu = attr.combined("relu")
-    assert (relu >= 0).all()
-    torch.testing.assert_close(
-        relu, attr.combined("relu", "semantic") + attr.combined("relu", "positional"), **D
-    )
-    signed = attr.combined("signed")
-    torch.testing.assert_close(signed, attr.semantic + attr.positional.sum((1, 2)), **D)
-    absn = attr.combined("abs")
-    assert float(absn.abs().max()) == pytest.approx(1.0)
-    # positive part of every channel >= positive part of the channel sum
-    assert (attr.semantic_positive >= attr.semantic.clamp(min=0) - 1e-12).all()
+def test_combined_per_example_parts_and_normalization():
+    """The contract of ``combined()`` beyond each reduction (those are rebuilt from the records in
+    test_headline_maps.py): a padded batch gives each example's own map, pads 0, the max-abs
+    normalization taken per example; the "all" map is the semantic part plus the positional part;
+    ``normalize`` divides by each row's max-abs and leaves an all-zero map at 0 (not NaN); relu
+    maps are >= max(signed, 0) (positive parts of every channel)."""
+    model = make_model("gpt2_like", biases=True)  # input PE: both parts present
+    a, b = toks(n=9, batch=1, seed=1), toks(n=5, batch=1, seed=2)
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], batch[1, :5] = a[0], b[0]
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    mask[0], mask[1, :5] = 1, 1
+    both = lp.explain(model, batch, 5, attention_mask=mask)
+    singles = [lp.explain(model, x, 5) for x in (a, b)]
+    for agg in ("relu", "abs", "signed"):
+        for parts in ("all", "semantic", "positional"):
+            for normalize in (None, True, False):
+                kw = dict(parts=parts, normalize=normalize)
+                got = both.combined(agg, **kw)
+                for i, single in enumerate(singles):
+                    n = single.tokens.shape[1]
+                    torch.testing.assert_close(got[i, :n], single.combined(agg, **kw)[0], **D)
+                    assert float(got[i, n:].abs().sum()) == 0.0
+            raw = {p: both.combined(agg, p, normalize=False) for p in ("all", "semantic", "positional")}
+            assert float(raw["semantic"].abs().max()) > 1e-6 and float(raw["positional"].abs().max()) > 1e-6
+            torch.testing.assert_close(raw["all"], raw["semantic"] + raw["positional"], **D)
+            row_max = raw["all"].abs().amax(-1, keepdim=True)
+            torch.testing.assert_close(both.combined(agg, normalize=True), raw["all"] / row_max, **D)
+    # the two examples' maps have different max-abs: a batch-wide normalization would show
+    maxima = both.combined("abs", normalize=False).abs().amax(-1)
+    assert float((maxima[0] - maxima[1]).abs()) > 1e-3 * float(maxima.max())
+    relu, signed = both.combined("relu"), both.combined("signed")
+    assert bool((relu >= signed.clamp(min=0) - 1e-12).all())
+    assert float((relu - signed.clamp(min=0)).abs().max()) > 1e-6
+    # no PE rule: the positional parts are zero, and normalizing them gives 0, not NaN
+    attn = lp.explain(model, batch, 5, attention_mask=mask, method="attn_lrp")
+    for agg in ("relu", "abs", "signed"):
+        zero = attn.combined(agg, parts="positional", normalize=True)
+        assert bool(torch.isfinite(zero).all()) and float(zero.abs().max()) == 0.0
     with pytest.raises(ValueError, match="aggregation"):
-        attr.combined("max")
+        both.combined("max")
+    with pytest.raises(ValueError, match="parts"):
+        both.combined("relu", parts="tokens")
 
 
 def test_conservation_prints(model):

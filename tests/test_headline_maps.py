@@ -3,7 +3,7 @@
 Each reduction is recomputed here from first principles (recorded hook relevance, recorded
 rule-modified gradients, activations from ``run_with_cache`` and the model's own weights and
 RoPE tables), without the library's helpers, so swapping relu and abs in any one reduction
-(token embedding, input PE, per-layer RoPE tables, shortformer) fails a test. The GQA test checks
+(token embedding, input PE, per-layer RoPE tables, shortformer, ALiBi) fails a test. The GQA test checks
 that recorded ``hook_k`` / ``hook_v`` / ``hook_rot_k`` relevance is folded back to the right kv
 heads, against the same model with its kv heads duplicated.
 """
@@ -177,6 +177,57 @@ def test_shortformer_dims_from_recorded_query_key_gradients():
     # summed over layers and heads: P * dy/dP, the relevance recorded at hook_pos_embed
     rec = lp.explain(model, tokens, 5, record=["hook_pos_embed"]).hooks["hook_pos_embed"]
     assert_close(total, rec)
+
+
+# -------------------------------------------------------------------------------------- ALiBi
+def _alibi_positions(rp):
+    """Eq. 16 written out: ``rp[..., i, j] = R(P_ij)``; query ``i`` gets ``i R / (i - j)``, key ``j``
+    gets ``-j R / (i - j)`` (j < i). Returns ``[..., pos]``."""
+    n = rp.shape[-1]
+    i = torch.arange(n, dtype=rp.dtype)[:, None]
+    j = torch.arange(n, dtype=rp.dtype)[None, :]
+    w = torch.where(i > j, 1.0 / torch.where(i > j, i - j, 1.0), 0.0)
+    return (i * w * rp).sum(-1) + (-j * w * rp).sum(-2)
+
+
+def test_alibi_reductions_from_recorded_scores():
+    """Eq. 15 / 16 per layer, head and position from the recorded score relevance and the bias
+    ``m_h (j - i)`` (slopes ``2^(-8 h / H)``, h = 1..H); Eq. 11 for ALiBi, which has no channels:
+    relu of the head-summed per-layer map, "abs" its absolute value (not per head)."""
+    model = make_model("alibi")
+    tokens = tokens_for(model)
+    n, L, H = tokens.shape[1], model.cfg.n_layers, model.cfg.n_heads
+    names = [f"blocks.{l}.attn.hook_attn_scores" for l in range(L)]
+    attr = lp.explain(model, tokens, 5, record=names + ["hook_embed"])
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    pos = torch.arange(n, dtype=torch.float64)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)
+    bias = slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])  # [heads, query, key]
+    relu = torch.zeros(tokens.shape, dtype=torch.float64)
+    absolute = torch.zeros_like(relu)
+    per_head_relu = torch.zeros_like(relu)
+    for l in range(L):
+        scores, r_scores = cache[names[l]], attr.hooks[names[l]]
+        visible = torch.ones(n, n, dtype=torch.bool).tril()
+        safe = torch.where(visible & (scores != 0), scores, torch.ones_like(scores))
+        grad = torch.where(visible & (scores != 0), r_scores / safe, torch.zeros_like(scores))
+        per_head = _alibi_positions(bias * grad)  # [batch, heads, pos]
+        assert_close(attr.positional[:, l], per_head)
+        layer = per_head.sum(1)
+        mixed_signs(layer)
+        relu += layer.clamp(min=0)
+        absolute += layer.abs()
+        per_head_relu += per_head.clamp(min=0).sum(1)
+    # the checks tell the reductions apart: relu vs abs, per layer vs per head
+    assert float((relu - absolute).abs().max()) > 1e-6 * float(absolute.abs().max())
+    assert float((relu - per_head_relu).abs().max()) > 1e-6 * float(relu.abs().max())
+    assert float(attr.positional_input.abs().max()) == 0.0
+    assert_close(attr.combined("relu", parts="positional"), relu)
+    assert_close(attr.combined("abs", parts="positional", normalize=False), absolute)
+    emb = attr.hooks["hook_embed"]
+    assert_close(attr.combined("relu"), relu + emb.clamp(min=0).sum(-1))
+    both = absolute + emb.sum(-1)
+    assert_close(attr.combined("abs"), both / both.abs().amax(-1, keepdim=True))
 
 
 # ------------------------------------------------------------------------------------- GQA

@@ -131,12 +131,55 @@ def test_alibi_split_matches_eq16_with_conservation_sign():
     torch.testing.assert_close(out.sum(-1), rp.sum((-1, -2)), rtol=1e-12, atol=1e-12)
 
 
-def test_input_pe_gradient_x_input_is_the_epsilon_sum_rule():
-    e, p = torch.randn(7, dtype=D), torch.randn(7, dtype=D)
-    g = torch.randn(7, dtype=D)
-    r_e, r_p = ref.epsilon_sum(e, p, (e + p) * g)
-    torch.testing.assert_close(e * g, r_e, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(p * g, r_p, rtol=1e-12, atol=1e-12)
+def _absolute_pe_model(kind, tmp_path):
+    """``(model, W_E, W_pos)``: the embedding tables read from the weights, not from any hook."""
+    if kind == "bridge_gpt2":
+        pytest.importorskip("transformer_lens.model_bridge")
+        from bridges import tiny_gpt2
+
+        hf, bridge = tiny_gpt2(tmp_path / "gpt2")
+        return bridge, hf.transformer.wte.weight.detach(), hf.transformer.wpe.weight.detach()
+    from models import make_model  # skips under TransformerLens 4 (no HookedTransformer)
+
+    model = make_model(kind, biases=True)
+    return model, model.embed.W_E.detach(), model.pos_embed.W_pos.detach()
+
+
+@pytest.mark.parametrize("method", ["pa_lrp", "attn_lrp", "grad_x_input"])
+@pytest.mark.parametrize("kind", ["gpt2_like", "sinusoidal", "bridge_gpt2"])
+def test_input_pe_sink_at_hook_pos_embed_is_eq5(kind, method, tmp_path):
+    """The library's input sinks against Eq. 5 (eps = 0) at ``z = E + P``, the first residual
+    stream: ``R(P) = P R(z) / z = P * g`` and ``R(E) = E * g`` element-wise, with ``E``, ``P``
+    taken from the embedding weights and ``g`` the rule-modified gradient at ``z``. PA-LRP maps
+    ``sum_d R(P)`` per position as ``positional_input``; methods without a PE rule report its
+    total as the leak and map nothing."""
+    import lens_palrp as lp
+
+    model, W_E, W_pos = _absolute_pe_model(kind, tmp_path)
+    tokens = torch.randint(2, 18, (2, 9), generator=torch.Generator().manual_seed(4))
+    z_name = "blocks.0.hook_resid_pre"
+    attr = lp.explain(model, tokens, 5, method=method, record=["hook_pos_embed", z_name], record_gradients=[z_name])
+    E, P = W_E[tokens].to(D), W_pos[: tokens.shape[1]].to(D)[None].expand_as(W_E[tokens])
+    g, r_z = attr.gradients[z_name], attr.hooks[z_name]
+    _, cache = model.run_with_cache(tokens, names_filter=z_name)
+    z = cache[z_name]
+    torch.testing.assert_close(E + P, z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r_z, z * g, rtol=1e-12, atol=1e-12)
+    r_p = P * g
+    assert float(r_p.abs().max()) > 1e-6 and float(r_p.sum(-1).max()) > 0 > float(r_p.sum(-1).min())
+    torch.testing.assert_close(attr.hooks["hook_pos_embed"], r_p, rtol=1e-10, atol=1e-12)
+    r_e_eq5, r_p_eq5 = ref.epsilon_sum(E, P, r_z)  # Eq. 5 as written: the shares E / z, P / z of R(z)
+    ok = z.abs() > 1e-3
+    torch.testing.assert_close(attr.hooks["hook_pos_embed"][ok], r_p_eq5[ok], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((E * g)[ok], r_e_eq5[ok], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(attr.semantic, (E * g).sum(-1), rtol=1e-10, atol=1e-12)
+    leak = attr.conservation().positional_leak
+    if method == "pa_lrp":
+        torch.testing.assert_close(attr.positional_input, r_p.sum(-1), rtol=1e-10, atol=1e-12)
+        assert float(leak.abs().max()) == 0.0
+    else:
+        assert float(attr.positional_input.abs().max()) == 0.0
+        torch.testing.assert_close(leak, r_p.sum((-1, -2)), rtol=1e-10, atol=1e-12)
 
 
 def test_rope_table_relevance_summed_over_heads():

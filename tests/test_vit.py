@@ -169,7 +169,9 @@ def test_grad_x_input_equals_autograd(hf_vit):
     semantic = (store["hook_embed"] * store["hook_embed"].grad).sum(-1)
     torch.testing.assert_close(attr.semantic, semantic, rtol=1e-10, atol=1e-12)
     pos = (store["hook_pos_embed"] * store["hook_pos_embed"].grad).sum(-1)
-    torch.testing.assert_close(attr.positional_leak_input, pos.sum(-1), rtol=1e-10, atol=1e-12)
+    # no PE rule: the position embedding's relevance is not mapped, it is reported as the leak
+    assert float(attr.positional_input.abs().max()) == 0.0
+    torch.testing.assert_close(attr.conservation().positional_leak, pos.sum(-1), rtol=1e-10, atol=1e-12)
 
 
 def _gamma_reference(x, w, b, r, gamma, eps):
@@ -290,19 +292,40 @@ def test_segmentation_and_perturbation_metrics_on_known_cases():
     assert removed.sum() == 4 and bool(removed[0, 3].all())
 
 
-def test_perturbation_test_runs_and_orders(hf_vit):
+def test_perturbation_curves_against_a_hand_run(hf_vit):
+    """Each point of each curve is the model on the image with the ``round(f * H * W)`` pixels
+    ranked first by the map set to 0 in every channel (positive: most relevant first, negative:
+    least relevant first); each area is the trapezoid over f in [0, 0.9] divided by 0.9, in percent."""
     vit = HookedViT.from_hf(hf_vit)
     x = _images(4)
-    labels = vit(x).argmax(-1)
-    maps = vision.vision_maps(vit, x, labels, methods=("random", "attn_lrp", "pa_lrp"))
-    assert all(m.shape == (4, 16, 16) for m in maps.values())
+    with torch.no_grad():
+        labels = vit(x).argmax(-1)
+    maps = vision.vision_maps(vit, x, labels, methods=("random", "pa_lrp"))
     result = vision.vision_perturbation_test(vit, x, labels, maps)
-    for method in maps:
-        acc = result.curves[method]["positive"]["accuracy"]
-        assert torch.equal(acc[:, 0], torch.ones(4, dtype=torch.float64))  # f = 0: the model's own prediction
+    f = result.fractions
+    assert f[0] == 0 and abs(float(f[-1]) - 0.9) < 1e-12 and len(f) == 10
     metrics = result.metrics()
-    assert set(metrics["pa_lrp"]) == {"positive_accuracy_auc", "negative_accuracy_auc", "positive_prob_auc",
-                                      "negative_prob_auc"}
+    changed = False
+    for method, pixel_map in maps.items():
+        assert pixel_map.shape == (4, 16, 16)
+        flat = pixel_map.reshape(4, -1)
+        for order in ("positive", "negative"):
+            curves = result.curves[method][order]
+            for j, frac in enumerate(f.tolist()):
+                k = int(round(frac * 256))
+                keep = torch.ones(4, 256)
+                for i in range(4):  # rank by the map's value; no ties in these maps
+                    ranked = sorted(range(256), key=lambda p: float(flat[i, p]), reverse=order == "positive")
+                    keep[i, ranked[:k]] = 0
+                with torch.no_grad():
+                    probs = vit(x * keep.reshape(4, 1, 16, 16)).double().softmax(-1)
+                torch.testing.assert_close(curves["accuracy"][:, j], (probs.argmax(-1) == labels).double())
+                torch.testing.assert_close(curves["prob"][:, j], probs[torch.arange(4), labels], rtol=1e-5, atol=1e-6)
+            for q in ("accuracy", "prob"):
+                area = 100 * torch.trapezoid(curves[q], f, dim=-1) / 0.9
+                torch.testing.assert_close(metrics[method][f"{order}_{q}_auc"], area, rtol=1e-10, atol=1e-10)
+            changed |= bool((curves["prob"][:, 1:] != curves["prob"][:, :1]).any())
+    assert changed  # the removal changes the model's output, so the order of removal matters
     fig = vision.overlay_figure(x[0], {m: v[0] for m, v in maps.items()})
     assert len(fig.data) == 1 + 2 * len(maps)
 
