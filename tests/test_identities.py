@@ -1,4 +1,4 @@
-"""REFERENCE.md section 3, identities 1-9, on small random models of every supported config."""
+"""The numbered identities 1-9 of docs/identities.md ("The numbered identities") on small random models of every supported config."""
 
 import pytest
 import torch
