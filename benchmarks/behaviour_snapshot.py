@@ -155,16 +155,6 @@ def metric_last(logits):
     return logits[:, -1].log_softmax(-1)[:, 5]
 
 
-def pad(rows, side, pad_id=1):
-    n = max(r.numel() for r in rows)
-    tokens = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, r.numel()) if side == "right" else slice(n - r.numel(), n)
-        tokens[i, sl], mask[i, sl] = r, 1
-    return tokens, mask
-
-
 def at_hook_case(lp, model, tokens, hook, fn, **kw):
     """``explain`` at ``lp.at_hook(hook, fn)``; a model without that hook point skips the case."""
     if hook not in model.hook_dict:
@@ -277,6 +267,8 @@ class Grid:
         def explain(model, tokens, target, **kw):
             with quiet():
                 return lp.explain(model, tokens, target, **kw)
+
+        pad = test_module("padding").pad  # the test suite's padding helper: [batch, pos] tokens and mask
 
         # ---- HookedTransformer: every test configuration --------------------------------------
         config_names = ["gpt2_like", "llama_like", "gptj_like", "neox_like", "alibi", "shortformer", "gemma_like",

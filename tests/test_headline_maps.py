@@ -14,6 +14,8 @@ import torch
 import lens_palrp as lp
 from models import make_model
 
+from headline_oracles import alibi_reductions, mixed_signs
+
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
@@ -25,10 +27,6 @@ def tokens_for(model, batch=2, n_pos=9, seed=1):
 def assert_close(a, b, scale=None):
     scale = float(b.abs().max()) if scale is None else scale
     torch.testing.assert_close(a / scale, b / scale, **TOL)
-
-
-def mixed_signs(x):
-    assert float(x.max()) > 1e-6 and float(x.min()) < -1e-6, "the check needs entries of both signs"
 
 
 # --------------------------------------------------------------------------- token and input PE
@@ -180,44 +178,17 @@ def test_shortformer_dims_from_recorded_query_key_gradients():
 
 
 # -------------------------------------------------------------------------------------- ALiBi
-def _alibi_positions(rp):
-    """Eq. 16 written out: ``rp[..., i, j] = R(P_ij)``; query ``i`` gets ``i R / (i - j)``, key ``j``
-    gets ``-j R / (i - j)`` (j < i). Returns ``[..., pos]``."""
-    n = rp.shape[-1]
-    i = torch.arange(n, dtype=rp.dtype)[:, None]
-    j = torch.arange(n, dtype=rp.dtype)[None, :]
-    w = torch.where(i > j, 1.0 / torch.where(i > j, i - j, 1.0), 0.0)
-    return (i * w * rp).sum(-1) + (-j * w * rp).sum(-2)
-
-
 def test_alibi_reductions_from_recorded_scores():
     """Eq. 15 / 16 per layer, head and position from the recorded score relevance and the bias
     ``m_h (j - i)`` (slopes ``2^(-8 h / H)``, h = 1..H); Eq. 11 for ALiBi, which has no channels:
     relu of the head-summed per-layer map, "abs" its absolute value (not per head)."""
     model = make_model("alibi")
     tokens = tokens_for(model)
-    n, L, H = tokens.shape[1], model.cfg.n_layers, model.cfg.n_heads
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     names = [f"blocks.{l}.attn.hook_attn_scores" for l in range(L)]
     attr = lp.explain(model, tokens, 5, record=names + ["hook_embed"])
     _, cache = model.run_with_cache(tokens, names_filter=names)
-    pos = torch.arange(n, dtype=torch.float64)
-    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)
-    bias = slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])  # [heads, query, key]
-    relu = torch.zeros(tokens.shape, dtype=torch.float64)
-    absolute = torch.zeros_like(relu)
-    per_head_relu = torch.zeros_like(relu)
-    for l in range(L):
-        scores, r_scores = cache[names[l]], attr.hooks[names[l]]
-        visible = torch.ones(n, n, dtype=torch.bool).tril()
-        safe = torch.where(visible & (scores != 0), scores, torch.ones_like(scores))
-        grad = torch.where(visible & (scores != 0), r_scores / safe, torch.zeros_like(scores))
-        per_head = _alibi_positions(bias * grad)  # [batch, heads, pos]
-        assert_close(attr.positional[:, l], per_head)
-        layer = per_head.sum(1)
-        mixed_signs(layer)
-        relu += layer.clamp(min=0)
-        absolute += layer.abs()
-        per_head_relu += per_head.clamp(min=0).sum(1)
+    relu, absolute, per_head_relu = alibi_reductions(attr, cache, names, H, assert_close)
     # the checks tell the reductions apart: relu vs abs, per layer vs per head
     assert float((relu - absolute).abs().max()) > 1e-6 * float(absolute.abs().max())
     assert float((relu - per_head_relu).abs().max()) > 1e-6 * float(relu.abs().max())

@@ -20,6 +20,7 @@ import lens_palrp as lp
 
 pytest.importorskip("transformer_lens.model_bridge")
 from bridges import boot, save_with_tokenizer, tiny_bloom, tiny_gpt2, tiny_llama  # noqa: E402
+from headline_oracles import alibi_reductions, mixed_signs  # noqa: E402
 
 TOL = dict(rtol=1e-6, atol=1e-6)  # relative to each tensor's max-abs
 TOKENS = torch.randint(2, 18, (2, 11), generator=torch.Generator().manual_seed(5))
@@ -28,10 +29,6 @@ TOKENS = torch.randint(2, 18, (2, 11), generator=torch.Generator().manual_seed(5
 def assert_close(a, b):
     scale = float(b.abs().max())
     torch.testing.assert_close(a / scale, b / scale, **TOL)
-
-
-def mixed_signs(x):
-    assert float(x.max()) > 1e-6 and float(x.min()) < -1e-6, "the check needs entries of both signs"
 
 
 def differ(a, b):
@@ -169,42 +166,15 @@ def test_token_and_input_pe_parts_from_recorded_embeddings(tmp_path):
 
 
 # ------------------------------------------------------------------------------ ALiBi
-def _alibi_positions(rp):
-    """Eq. 16: ``rp[..., i, j] = R(P_ij)``; query ``i`` gets ``i R / (i - j)``, key ``j`` gets
-    ``-j R / (i - j)`` (j < i). Returns ``[..., pos]``."""
-    n = rp.shape[-1]
-    i = torch.arange(n, dtype=rp.dtype)[:, None]
-    j = torch.arange(n, dtype=rp.dtype)[None, :]
-    w = torch.where(i > j, 1.0 / torch.where(i > j, i - j, 1.0), 0.0)
-    return (i * w * rp).sum(-1) + (-j * w * rp).sum(-2)
-
-
 def test_alibi_reductions_from_recorded_scores(tmp_path):
     """BLOOM with 4 heads (slopes ``2^(-2h)``, h = 1..4): Eq. 15 / 16 from the recorded score
     relevance, then relu / abs of the head-summed per-layer map (BLOOM's softmax is float32 too)."""
     _, bridge = tiny_bloom(tmp_path / "bloom")
-    n, L, H = TOKENS.shape[1], bridge.cfg.n_layers, bridge.cfg.n_heads
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
     names = [f"blocks.{l}.attn.hook_attn_scores" for l in range(L)]
     attr = lp.explain(bridge, TOKENS, (3, 5), record=names + ["hook_embed"])
     _, cache = bridge.run_with_cache(TOKENS, names_filter=lambda name: name in names)
-    pos = torch.arange(n, dtype=torch.float64)
-    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)
-    bias = slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])
-    visible = torch.ones(n, n, dtype=torch.bool).tril()
-    relu = torch.zeros(TOKENS.shape, dtype=torch.float64)
-    absolute = torch.zeros_like(relu)
-    per_head_relu = torch.zeros_like(relu)
-    for l in range(L):
-        scores = cache[names[l]].double()
-        ok = visible & (scores != 0)
-        grad = torch.where(ok, attr.hooks[names[l]] / torch.where(ok, scores, 1.0), 0.0)
-        per_head = _alibi_positions(bias * grad)
-        assert_close(attr.positional[:, l], per_head)
-        layer = per_head.sum(1)
-        mixed_signs(layer)
-        relu += layer.clamp(min=0)
-        absolute += layer.abs()
-        per_head_relu += per_head.clamp(min=0).sum(1)
+    relu, absolute, per_head_relu = alibi_reductions(attr, cache, names, H, assert_close)
     differ(relu, absolute)
     differ(per_head_relu, relu)
     assert_close(attr.combined("relu", parts="positional"), relu)
