@@ -270,6 +270,12 @@ class Grid:
 
         pad = test_module("padding").pad  # the test suite's padding helper: [batch, pos] tokens and mask
 
+        def add_padded(prefix, key, tokens, mask, side):
+            """Every method on one padded batch, the explained pair (5, 7) at each row's last token."""
+            for method in METHODS:
+                self.add(f"{prefix}/{method}/padded_{side}", key,
+                         lambda m, t=tokens, k=mask, method=method: explain(m, t, (5, 7), attention_mask=k, method=method))
+
         # ---- HookedTransformer: every test configuration --------------------------------------
         config_names = ["gpt2_like", "llama_like", "gptj_like", "neox_like", "alibi", "shortformer", "gemma_like",
                         "solu_ln", "ln_pre", "sinks", "sinusoidal"]
@@ -346,10 +352,7 @@ class Grid:
             key = f"ht.{config}.bias"
             for side in ("left", "right"):
                 tokens, mask = pad(rows40, side)
-                for method in METHODS:
-                    self.add(f"ht/{config}/bias/{method}/padded_{side}", key,
-                             lambda m, t=tokens, k=mask, method=method: explain(
-                                 m, t, (5, 7), attention_mask=k, method=method))
+                add_padded(f"ht/{config}/bias", key, tokens, mask, side)
                 self.add(f"ht/{config}/bias/pa_lrp/padded_{side}/metric_pos", key,
                          lambda m, t=tokens, k=mask: explain(m, t, metric_positions, attention_mask=k))
                 self.add(f"ht/{config}/bias/pa_lrp/padded_{side}/at_hook", key,
@@ -398,10 +401,7 @@ class Grid:
                      lambda m: explain(m, ["c h a p k b e g", "c h a p k"], " k"))
             for side in ("left", "right"):
                 tokens, mask = pad(rows18, side)
-                for method in METHODS:
-                    self.add(f"bridge/{arch}/{method}/padded_{side}", key,
-                             lambda m, t=tokens, k=mask, method=method: explain(
-                                 m, t, (5, 7), attention_mask=k, method=method))
+                add_padded(f"bridge/{arch}", key, tokens, mask, side)
                 self.add(f"bridge/{arch}/attn_lrp/padded_{side}/inferred_mask", key,
                          lambda m, t=tokens: explain(m, t, (5, 7), method="attn_lrp"))
             for method in METHODS:
