@@ -218,7 +218,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
             roles["embed.hook_out"] = HookRole(Role.EMBED)
             roles["pos_embed.hook_out"] = HookRole(Role.POS_EMBED)
             roles["token_type_embed.hook_out"] = HookRole(Role.TOKEN_TYPE)
-        missing = [name for name in roles if name not in self.model.hook_dict]
+        points = self.model.hook_dict  # a bridge rebuilds this alias table on every access: read it once
+        missing = [name for name in roles if name not in points]
         if missing:
             raise NotImplementedError(
                 f"this TransformerBridge lacks hook points the rules need: {missing[:6]}"
