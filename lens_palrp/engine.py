@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.canonizers import canonized
-from lens_palrp.hooks import family_for, unverified_architectures
+from lens_palrp.hooks import FAMILY_OPTIONS, family_for, unverified_architectures
 from lens_palrp.roles import HookRole, Role
 from lens_palrp.inputs import HookNames, resolve_hook_names
 from lens_palrp.methods import Method, get_method
@@ -133,13 +133,12 @@ class Sweep:
             by_point.setdefault(id(points.get(name, name)), []).append(name)
         hooks = []
         for aliases in by_point.values():
-            roles = [n for n in aliases if n in self.roles]
-            main = roles[0] if roles else aliases[0]
-            hooks.append((main, self.hook_fn(main, self.roles.get(main), aliases)))
+            names = sorted(aliases, key=lambda n: n not in self.roles)  # the role's own name first
+            hooks.append((names[0], self.hook_fn(names, self.roles.get(names[0]))))
         return hooks
 
-    def hook_fn(self, name: str, role: Optional[HookRole], aliases: Sequence[str] = ()):
-        names = list(dict.fromkeys([name, *aliases]))
+    def hook_fn(self, names: List[str], role: Optional[HookRole]):
+        """The forward hook of one hook point known by ``names`` (the first plays ``role``)."""
         target = self.hook_target if self.hook_target is not None and self.hook_target.hook_name in names else None
 
         def fn(act: Tensor, hook=None):
@@ -324,8 +323,6 @@ def _family_options(family, options) -> dict:
     """The family's own options, checked; an option of another family is named as such."""
     unknown = sorted(set(options) - set(family.options))
     if unknown:
-        from lens_palrp.hooks import FAMILY_OPTIONS
-
         owners = sorted({FAMILY_OPTIONS[name] for name in unknown if name in FAMILY_OPTIONS})
         if owners:
             verb = "applies" if len(unknown) == 1 else "apply"
@@ -441,8 +438,8 @@ def _assemble(sweep: Sweep, prepared, value: Tensor, sink_relevance: Dict[Role, 
         method=sweep.method.name,
         attention_mask=mask,
         target_position=prepared.positions,
-        hooks=Records(sweep.records, n_layers=sweep.family.n_layers, what="relevance"),
-        gradients=Records(sweep.gradients, n_layers=sweep.family.n_layers, what="gradient"),
+        hooks=Records(sweep.records),  # the Attribution sets their n_layers and wording
+        gradients=Records(sweep.gradients),
         model_name=str(getattr(sweep.family.cfg, "model_name", "")),
         _reductions=Reductions(
             semantic_positive=r_embed.clamp(min=0).sum(-1),

@@ -67,16 +67,20 @@ class ModelFamily(abc.ABC):
     def hook_roles(self) -> Dict[str, HookRole]:
         """Every hook point the sweep installs a rule or a record at, with its role."""
 
-    @abc.abstractmethod
+    def hook_points(self) -> Mapping[str, Any]:
+        """Hook name -> hook point object (aliases of one point map to the same object), read from
+        the model once per family: a TransformerBridge rebuilds its alias table on every access."""
+        points = self.__dict__.get("_hook_points")
+        if points is None:
+            points = self.__dict__["_hook_points"] = self.model.hook_dict
+        return points
+
     def hook_names(self) -> List[str]:
         """Hook points a user's ``record`` filter may pick."""
+        return list(self.hook_points())
 
-    @abc.abstractmethod
-    def has_hook(self, name: str) -> bool: ...
-
-    def hook_points(self) -> Mapping[str, Any]:
-        """Hook name -> hook point object (aliases of one point map to the same object)."""
-        return self.model.hook_dict
+    def has_hook(self, name: str) -> bool:
+        return name in self.hook_points()
 
     @property
     @abc.abstractmethod

@@ -49,7 +49,7 @@ def hooked_transformer_roles(family) -> Dict[str, HookRole]:
     roles: Dict[str, HookRole] = {"hook_embed": HookRole(Role.EMBED)}
     if family.pe_type in ("standard", "shortformer"):
         roles["hook_pos_embed"] = HookRole(Role.POS_EMBED)
-    for name, _ in family.model.hook_dict.items():
+    for name in family.hook_points():
         if name.endswith("hook_scale"):
             layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
             roles[name] = HookRole(Role.NORM_SCALE, layer)
@@ -134,12 +134,6 @@ class TransformerLensFamily(TextFamily):
     # ------------------------------------------------------------------ hook layout
     def hook_roles(self) -> Dict[str, HookRole]:
         return hooked_transformer_roles(self)
-
-    def has_hook(self, name: str) -> bool:
-        return name in self.model.hook_dict
-
-    def hook_names(self):
-        return list(self.model.hook_dict)
 
     # ------------------------------------------------------------------ model facts
     def activation(self, layer: int) -> Callable[[Tensor], Tensor]:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextvars
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -185,7 +185,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
         refuses while their flag is off (``hook_result`` without ``use_attn_result``, the split
         q/k/v inputs without ``use_split_qkv_input``, ...)."""
         gated = getattr(self.model, "_gated_hook_reason", None)
-        hooks = self.model.hook_dict
+        hooks = self.hook_points()
         if gated is None:
             return list(hooks)
         return [name for name, point in hooks.items() if gated(point.name or name) is None]
@@ -218,8 +218,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             roles["embed.hook_out"] = HookRole(Role.EMBED)
             roles["pos_embed.hook_out"] = HookRole(Role.POS_EMBED)
             roles["token_type_embed.hook_out"] = HookRole(Role.TOKEN_TYPE)
-        points = self.model.hook_dict  # a bridge rebuilds this alias table on every access: read it once
-        missing = [name for name in roles if name not in points]
+        missing = [name for name in roles if not self.has_hook(name)]
         if missing:
             raise NotImplementedError(
                 f"this TransformerBridge lacks hook points the rules need: {missing[:6]}"

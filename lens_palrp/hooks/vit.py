@@ -449,12 +449,6 @@ class ViTFamily(ModelFamily):
     def hook_roles(self) -> Dict[str, HookRole]:
         return hooked_transformer_roles(self)
 
-    def hook_names(self) -> List[str]:
-        return list(self.model.hook_dict)
-
-    def has_hook(self, name: str) -> bool:
-        return name in self.model.hook_dict
-
     @property
     def final_hidden_hook(self) -> str:
         return f"blocks.{self.n_layers - 1}.hook_resid_post"
