@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from lens_palrp.load_args import DeviceLike, DeviceMap, DtypeLike, as_device, as_dtype
+
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 TOKENIZER_DIR = os.path.join(WEIGHTS_DIR, "tokenizer")
 RECORD_FILE = "training.json"
@@ -138,22 +140,28 @@ def hf_config(name: str):
     return config
 
 
-def build_model(name: str, dtype=torch.float32):
+def build_model(name: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu"):
     """An untrained Hugging Face model with the zoo model's configuration (eager attention: the
-    computation TransformerLens reproduces)."""
+    computation TransformerLens reproduces), in ``dtype`` on ``device``."""
     import transformers
 
     model_class = getattr(transformers, MODELS[_check(name)]["architecture"])
+    dtype, device = as_dtype(dtype), as_device(device)
     config = hf_config(name)
     config._attn_implementation = "eager"
-    return model_class(config).to(dtype)
+    return model_class(config).to(device=device, dtype=dtype)
 
 
-def load(name: str, kind: Optional[str] = None, dtype=torch.float32) -> Tuple[object, object]:
+def load(name: str, kind: Optional[str] = None, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu",
+         device_map: Optional[DeviceMap] = None) -> Tuple[object, object]:
     """``(model, tokenizer)`` for a shipped model, from package data (no network).
 
     ``kind``: ``"hooked"`` (a HookedTransformer, TransformerLens 3.x), ``"bridge"`` (a
     TransformerBridge) or None for ``default_kind()``: HookedTransformer where it exists.
+    ``dtype`` (default float32) and ``device`` (default ``"cpu"``) as in ``lens_palrp.models``;
+    ``device_map`` (bridges only) splits the model over devices as ``bridge_from_folder`` does,
+    e.g. ``{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, ...}`` (module
+    names from the Hugging Face model: ``build_model(name).named_children()``).
     """
     path = folder(name)
     if not os.path.exists(os.path.join(path, "model.safetensors")):
@@ -170,11 +178,13 @@ def load(name: str, kind: Optional[str] = None, dtype=torch.float32) -> Tuple[ob
                 "use kind='bridge' (or kind=None) for a TransformerBridge, or install transformer-lens 3.9 "
                 "(pip install -c constraints.txt -e .)"
             )
+        if device_map is not None:
+            raise ValueError("device_map splits a TransformerBridge; load the zoo model with kind='bridge'")
         with models.quiet_loading():
-            model = models.hooked_transformer_from_folder(path, dtype=dtype)
+            model = models.hooked_transformer_from_folder(path, dtype=dtype, device=device)
     else:
         with models.quiet_loading():
-            model = models.bridge_from_folder(path, dtype=dtype)
+            model = models.bridge_from_folder(path, dtype=dtype, device=device, device_map=device_map)
         # the zoo's tasks start with <bos>; TransformerLens' BLOOM adapter assumes no BOS
         model.cfg.default_prepend_bos = True
     model.eval()
