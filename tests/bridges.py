@@ -19,8 +19,8 @@ def save_with_tokenizer(hf_model, folder):
     return folder
 
 
-def boot(folder):
-    return lp.models.bridge_from_folder(str(folder), dtype=torch.float64)
+def boot(folder, device="cpu"):
+    return lp.models.bridge_from_folder(str(folder), dtype=torch.float64, device=device)
 
 
 def tiny_llama(folder):

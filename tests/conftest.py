@@ -6,6 +6,25 @@ sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from devices import DEVICES  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests (the CUDA case of ``DEVICES``) skip where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device a test runs on: ``"cpu"``, and ``"cuda"`` (marked ``gpu``) where there is one."""
+    return request.param
 
 
 @pytest.fixture(scope="module")

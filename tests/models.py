@@ -68,10 +68,12 @@ def sinusoidal_table(n_ctx: int, d_model: int, dtype=torch.float64) -> torch.Ten
     return table
 
 
-def make_model(name: str, seed: int = 0, biases: bool = True, **overrides) -> HookedTransformer:
-    """A random model of configuration ``name``; ``biases=True`` fills every bias with noise."""
+def make_model(name: str, seed: int = 0, biases: bool = True, device="cpu", **overrides) -> HookedTransformer:
+    """A random model of configuration ``name``; ``biases=True`` fills every bias with noise. Built
+    and filled on the CPU (the same weights whatever ``device``; TransformerLens would otherwise
+    build on CUDA where there is one), then moved to ``device``."""
     torch.manual_seed(seed)
-    spec = dict(BASE)
+    spec = dict(BASE, device="cpu")
     spec.update(CONFIGS[name.replace("_sinusoidal", "")] if name != "sinusoidal" else CONFIGS["gpt2_like"])
     spec.update(overrides)
     cfg = HookedTransformerConfig(**spec)
@@ -90,6 +92,8 @@ def make_model(name: str, seed: int = 0, biases: bool = True, **overrides) -> Ho
                 p.normal_(0, 1.0 / math.sqrt(p.shape[-2] if p.ndim >= 2 else 1))
         if name == "sinusoidal":
             model.pos_embed.W_pos.copy_(sinusoidal_table(cfg.n_ctx, cfg.d_model))
+    if torch.device(device).type != "cpu":
+        model.to(device, print_details=False)
     model.eval()
     return model
 

@@ -21,7 +21,8 @@ def pad(rows, side, pad_id=1):
 
 def assert_rows_equal_single_runs(model, rows, batch_attr, target, method, **kwargs):
     for i, row in enumerate(rows):
-        one = lp.explain(model, row[None], target, method=method, **kwargs)
+        # on the batch's device (a CUDA model gets CUDA tokens, as the batch did)
+        one = lp.explain(model, row[None].to(batch_attr.tokens.device), target, method=method, **kwargs)
         n = row.numel()
         torch.testing.assert_close(batch_attr.target_value[i], one.target_value[0], **D)
         assert batch_attr.tokens[i, :n].tolist() == row.tolist()

@@ -1,10 +1,13 @@
 """TransformerBridge: same numbers as HookedTransformer on the same weights, hooks in the path."""
 
+import copy
+
 import pytest
 import torch
 
 import lens_palrp as lp
 from bridges import save_with_tokenizer, tiny_gpt2, tiny_llama
+from devices import assert_on_device
 from lens_palrp.zoo import TOKENIZER_DIR
 
 bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
@@ -68,12 +71,18 @@ def test_bridge_matches_hooked_transformer(arch, method, llama, gpt2, request):
     assert rel(ca.softmax_absorbed, cb.softmax_absorbed) < 1e-5
 
 
-def test_bridge_matches_the_independent_llama_reference(llama):
+def test_bridge_matches_the_independent_llama_reference(llama, device):
+    """The reference on the CPU; the bridge on ``device`` too (CUDA: a copy of the Hugging Face
+    model moved there by ``bridge_from_hf``), its results staying there."""
     from reference_llama import explain_llama
 
     hf, bridge = llama
     logit, semantic, positional, heads = explain_llama(hf, TOKENS, 7)
-    attr = lp.explain(bridge, TOKENS, 7)
+    if device != "cpu":
+        bridge = lp.models.bridge_from_hf(copy.deepcopy(hf), bridge.tokenizer, device=device)
+    attr = lp.explain(bridge, TOKENS.to(device), 7)
+    assert_on_device(attr, device)
+    attr = attr.to("cpu")
     assert rel(attr.target_value, logit) < 1e-6
     assert rel(attr.semantic, semantic) < 1e-5
     assert rel(attr.positional, positional) < 1e-5

@@ -6,6 +6,8 @@ HookedTransformer; lens_palrp explains the HookedTransformer, ``reference_llama`
 Hugging Face model directly from the rules. They must agree to 1e-6 relative.
 """
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -21,6 +23,7 @@ except ImportError:  # TransformerLens 4.x
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
 import lens_palrp as lp
+from devices import assert_on_device
 from reference_llama import explain_llama
 
 
@@ -63,12 +66,18 @@ def test_converted_model_matches_hugging_face(pair):
 
 
 @pytest.mark.parametrize("method", ["pa_lrp", "attn_lrp"])
-def test_lens_palrp_matches_independent_reference(pair, method):
+def test_lens_palrp_matches_independent_reference(pair, method, device):
+    """The reference runs on the CPU; lens_palrp on ``device`` too (CUDA where there is one), its
+    results staying there, so the CUDA sweep is checked against the same CPU oracle."""
     hf, ht = pair
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
     target = 7
     logit, semantic, positional, heads = explain_llama(hf, ids, target, positional=method == "pa_lrp")
-    attr = lp.explain(ht, ids, target, method=method)
+    if device != "cpu":
+        ht = copy.deepcopy(ht).to(device, print_details=False)
+    attr = lp.explain(ht, ids.to(device), target, method=method)
+    assert_on_device(attr, device)
+    attr = attr.to("cpu")
     assert rel_err(attr.target_value, logit) < 1e-10
     assert rel_err(attr.semantic, semantic) < 1e-6
     assert rel_err(attr.heads_by_pos, heads) < 1e-6

