@@ -50,30 +50,40 @@ def exclusive(model):
 
 def check_usable(model) -> None:
     """Refuse up front what autograd cannot sweep, before anything is changed."""
-    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in tensors:
-            if t.is_inference():
-                raise RuntimeError(
-                    f"the model's {kind} {name!r} was created under torch.inference_mode(), and autograd "
-                    "cannot use inference tensors: load or build the model outside inference_mode "
-                    "(torch.no_grad() is fine)"
-                )
+    _check_usable(_parameters_and_buffers(all_modules(model))[1])
+
+
+def _check_usable(named) -> None:
+    for kind, name, t in named:
+        if t.is_inference():
+            raise RuntimeError(
+                f"the model's {kind} {name!r} was created under torch.inference_mode(), and autograd "
+                "cannot use inference tensors: load or build the model outside inference_mode "
+                "(torch.no_grad() is fine)"
+            )
 
 
 @contextmanager
 def evaluating(model):
     """Every module in eval mode (a bridge's Hugging Face model too: dropout off), each module's
     flag put back afterwards, whatever happens."""
-    modes = [(m, m.training) for m in all_modules(model)]
+    with _evaluating(all_modules(model)):
+        yield
+
+
+@contextmanager
+def _evaluating(modules):
+    """Only modules in training mode are touched: a model already in eval mode (the usual case)
+    costs one pass over the flags, where ``model.eval()`` on a TransformerBridge sends thousands
+    of modules through ``nn.Module.__setattr__`` (a quarter of a small model's sweep)."""
+    training = [m for m in modules if m.training]
     try:
-        if isinstance(model, torch.nn.Module):
-            model.eval()
-        for module, _ in modes:
+        for module in training:
             module.training = False
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module in training:
+            module.training = True
 
 
 @contextmanager
@@ -81,17 +91,35 @@ def model_left_unchanged(model):
     """Freeze parameters and switch to eval for the sweep; restore ``requires_grad``, ``.grad``
     and every module's training flag afterwards, whatever happens."""
     with exclusive(model):
-        check_usable(model)
-        params = list(model.parameters())
+        modules = all_modules(model)
+        params, named = _parameters_and_buffers(modules)
+        _check_usable(named)
         requires = [p.requires_grad for p in params]
         grads = [p.grad for p in params]
         try:
-            with evaluating(model):
-                for p in params:
-                    p.requires_grad_(False)
+            with _evaluating(modules):
+                for p, r in zip(params, requires):
+                    if r:
+                        p.requires_grad_(False)
                 yield
         finally:
             _restore(params, requires, grads)
+
+
+def _parameters_and_buffers(modules):
+    """Each parameter once, and ``(kind, name, tensor)`` of every parameter and buffer, read from
+    the modules' own tables: one walk of the module tree per call, not one per question."""
+    params, named, seen = [], [], set()
+    for module in modules:
+        for kind, table in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for name, t in table.items():
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                named.append((kind, name, t))
+                if kind == "parameter":
+                    params.append(t)
+    return params, named
 
 
 def all_modules(model):
@@ -110,8 +138,10 @@ def _restore(params, requires, grads) -> None:
     failure = None
     for p, r, g in zip(params, requires, grads):
         try:
-            p.requires_grad_(r)
-            p.grad = g
+            if p.requires_grad != r:
+                p.requires_grad_(r)
+            if p.grad is not g:
+                p.grad = g
         except Exception as err:  # pragma: no cover - defensive: keep restoring the rest
             failure = failure or err
     if failure is not None:  # pragma: no cover

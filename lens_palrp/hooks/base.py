@@ -12,6 +12,7 @@ models have that encoding, and nowhere else.
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -81,6 +82,25 @@ class ModelFamily(abc.ABC):
 
     def has_hook(self, name: str) -> bool:
         return name in self.hook_points()
+
+    @contextmanager
+    def hooks_attached(self, fwd_hooks: Sequence[Tuple[str, Callable]]):
+        """``fwd_hooks`` ``[(name, fn)]`` added to the hook point objects themselves and exactly
+        those handles removed afterwards, whatever happens (hooks the user attached stay). No
+        name goes through the model's ``hooks()``, which on a TransformerBridge resolves every
+        name through its alias table and gating checks."""
+        points = self.hook_points()
+        added = []
+        try:
+            for name, fn in fwd_hooks:
+                point = points[name]
+                point.add_hook(fn, dir="fwd")  # TransformerLens 3.x returns no handle: take it back
+                added.append((point, point.fwd_hooks[-1]))
+            yield
+        finally:
+            for point, handle in reversed(added):
+                handle.hook.remove()
+                point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
 
     @property
     @abc.abstractmethod

@@ -57,7 +57,7 @@ class HookedEncoderFamily(HookedTransformerFamily):
         return roles
 
     def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+        with self.hooks_attached(fwd_hooks):
             return self.model(tokens, one_zero_attention_mask=attention_mask, return_type="logits")
 
     def to_tokens(self, text: str, prepend_bos: Optional[bool]) -> Tensor:

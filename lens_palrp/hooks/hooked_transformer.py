@@ -150,7 +150,7 @@ class TransformerLensFamily(TextFamily):
 
     # ------------------------------------------------------------------ running
     def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+        with self.hooks_attached(fwd_hooks):
             return self.model(tokens, attention_mask=attention_mask, return_type="logits")
 
     # ------------------------------------------------------------------ tokens

@@ -255,5 +255,5 @@ class TransformerBridgeFamily(TransformerLensFamily):
         with warnings.catch_warnings():
             # TransformerLens 4 warns when a hook edits hook_scale: detaching it is the rule
             warnings.filterwarnings("ignore", message=".*edited hook_scale/hook_normalized.*")
-            with self.model.hooks(fwd_hooks=fwd_hooks):
+            with self.hooks_attached(fwd_hooks):
                 return self.model(tokens, attention_mask=attention_mask)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lens_palrp import rules
 from lens_palrp.hooks.base import ModelFamily, PreparedInput
 from lens_palrp.hooks.hooked_transformer import hooked_transformer_roles
+from lens_palrp.load_args import DeviceLike, DtypeLike, as_device, as_dtype
 from lens_palrp.roles import HookRole, Role
 
 try:  # TransformerLens 4.x exports it at the top level; 3.x from hook_points
@@ -228,22 +229,27 @@ class HookedViT(HookedRootModule):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, local_dir: str, dtype: torch.dtype = torch.float32) -> "HookedViT":
+    def from_pretrained(cls, local_dir: str, dtype: DtypeLike = torch.float32,
+                        device: DeviceLike = "cpu") -> "HookedViT":
         """Load a local transformers ``ViTForImageClassification``, ``DeiTForImageClassification``
         (head on [CLS]) or ``DeiTForImageClassificationWithTeacher`` (mean of the [CLS] and [DIST]
-        heads) folder. No network: the folder must exist."""
+        heads) folder. No network: the folder must exist. ``dtype`` (a ``torch.dtype`` or its name)
+        and ``device`` (default ``"cpu"``) are checked before anything is read (``lens_palrp.load_args``)."""
         import os
 
         from transformers import AutoModelForImageClassification
 
+        dtype, device = as_dtype(dtype), as_device(device)
         if not os.path.isdir(local_dir):
             raise FileNotFoundError(f"{local_dir!r} is not a folder (HookedViT loads local folders only)")
         hf = AutoModelForImageClassification.from_pretrained(local_dir, local_files_only=True)
-        return cls.from_hf(hf, dtype=dtype)
+        return cls.from_hf(hf, dtype=dtype, device=device)
 
     @classmethod
-    def from_hf(cls, hf, dtype: torch.dtype = torch.float32) -> "HookedViT":
-        """Convert an in-memory transformers ViT / DeiT image classifier."""
+    def from_hf(cls, hf, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu") -> "HookedViT":
+        """Convert an in-memory transformers ViT / DeiT image classifier into a ``HookedViT`` in
+        ``dtype`` on ``device`` (wherever ``hf`` is)."""
+        dtype, device = as_dtype(dtype), as_device(device)
         c = hf.config
         if c.model_type not in ("vit", "deit"):
             raise NotImplementedError(f"HookedViT converts ViT and DeiT classifiers, not model_type={c.model_type!r}")
@@ -276,15 +282,17 @@ class HookedViT(HookedRootModule):
         if two_heads:
             sd["W_head_dist"] = state["distillation_classifier.weight"].T
             sd["b_head_dist"] = state["distillation_classifier.bias"]
-        return cls._from_state(cfg, sd, dtype)
+        return cls._from_state(cfg, sd, dtype, device)
 
     @classmethod
     def from_timm_state_dict(cls, state_dict: Dict[str, Tensor], n_heads: int, eps: float = 1e-6,
                              act_fn: str = "gelu", model_name: str = "timm-vit",
-                             dtype: torch.dtype = torch.float32) -> "HookedViT":
+                             dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu") -> "HookedViT":
         """Convert a timm ``VisionTransformer`` / distilled DeiT state dict (``patch_embed.proj``,
         ``cls_token``, ``dist_token``, ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,
-        mlp.fc1,mlp.fc2}``, ``norm``, ``head``, ``head_dist``). ``n_heads`` is not in the weights."""
+        mlp.fc1,mlp.fc2}``, ``norm``, ``head``, ``head_dist``). ``n_heads`` is not in the weights.
+        The model is built in ``dtype`` on ``device``."""
+        dtype, device = as_dtype(dtype), as_device(device)
         sd_in = dict(state_dict)
         known = ("patch_embed.proj.", "cls_token", "dist_token", "pos_embed", "blocks.", "norm.", "head.", "head_dist.")
         unknown = sorted(k for k in sd_in if not k.startswith(known))
@@ -322,13 +330,14 @@ class HookedViT(HookedRootModule):
         sd["W_head"], sd["b_head"] = head.T, sd_in["head.bias"]
         if cfg.distillation_head:
             sd["W_head_dist"], sd["b_head_dist"] = sd_in["head_dist.weight"].T, sd_in["head_dist.bias"]
-        return cls._from_state(cfg, sd, dtype)
+        return cls._from_state(cfg, sd, dtype, device)
 
     @classmethod
-    def _from_state(cls, cfg: ViTConfig, sd: Dict[str, Tensor], dtype: torch.dtype) -> "HookedViT":
+    def _from_state(cls, cfg: ViTConfig, sd: Dict[str, Tensor], dtype: torch.dtype,
+                    device: torch.device) -> "HookedViT":
         model = cls(cfg)
         model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
-        return model.to(dtype).eval()
+        return model.to(device=device, dtype=dtype).eval()
 
 
 # transformers 5.x names first, then the 4.x ones (checkpoints on disk may still use them)
@@ -454,7 +463,7 @@ class ViTFamily(ModelFamily):
         return f"blocks.{self.n_layers - 1}.hook_resid_post"
 
     def forward(self, images: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+        with self.hooks_attached(fwd_hooks):
             return self.model(images)
 
     def attn_scale(self, layer: int) -> float:
