@@ -23,15 +23,14 @@ from lens_palrp.hooks import FAMILY_OPTIONS, family_for, unverified_architecture
 from lens_palrp.roles import HookRole, Role
 from lens_palrp.inputs import HookNames, resolve_hook_names
 from lens_palrp.methods import Method, get_method
+from lens_palrp.devices import Placement, placement_for
 from lens_palrp.positional import PositionalEncoding, encoding_for
+from lens_palrp.precision import Precision, precision_for
 from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_relevance
 from lens_palrp.safety import model_left_unchanged
 from lens_palrp.targets import HookTarget, TargetSpec, resolve_target
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
 
 class _StopForward(Exception):
     """Raised by an ``at_hook`` target once its scalar is computed: nothing above is needed."""
@@ -59,15 +58,16 @@ class Sweep:
 
     encoding: PositionalEncoding  # the positional strategy, chosen once the canonizers have run
 
-    def __init__(self, family, method: Method, batch: int, n_pos: int, dtype: torch.dtype, device,
+    def __init__(self, family, method: Method, batch: int, n_pos: int, precision: Precision, placement: Placement,
                  attention_mask: Optional[Tensor], record: Sequence[str], hook_target: Optional[HookTarget],
                  record_gradients: Sequence[str] = ()):
         self.family, self.method = family, method
         self.n_pos, self.attention_mask = n_pos, attention_mask
         self.record_names, self.gradient_names = set(record), set(record_gradients)
         self.hook_target = hook_target
+        self.precision, self.placement = precision, placement
         L, H = family.n_layers, family.n_heads
-        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        z = lambda *shape: torch.zeros(*shape, dtype=precision.records, device=placement.device)  # noqa: E731
         self.heads_by_pos = z(batch, L, H, n_pos)
         self.positional = z(batch, L, H, n_pos)  # attention-level positional sinks (the strategies')
         self.mlp = z(batch, L, n_pos)
@@ -108,12 +108,20 @@ class Sweep:
         return entry[0]
 
     def on_grad(self, tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
-        """Call ``fn(grad)`` when the backward reaches ``tensor`` (if it is in the graph)."""
+        """Call ``fn(grad)`` when the backward reaches ``tensor`` (if it is in the graph), with the
+        gradient in the record dtype (``lens_palrp.precision``): whatever ``fn`` multiplies it
+        with is promoted, so every relevance is formed in float32 or better."""
         if tensor.requires_grad:
+            upcast = self.precision.upcast
+
             def hook(grad: Tensor) -> None:
-                fn(grad)
+                fn(upcast(grad))
 
             tensor.register_hook(hook)
+
+    def accumulate(self, total: Tensor, value: Tensor) -> None:
+        """``total += value``, with ``value`` brought to the results' device (``lens_palrp.devices``)."""
+        total.add_(self.placement.gather(value))
 
     def start(self) -> None:
         """After the canonizers: pick the positional strategy and count who reads what."""
@@ -149,7 +157,7 @@ class Sweep:
                 for alias in names:
                     self._record(alias, out, 1.0)
             if target is not None:
-                self.target_value = target.fn(out)
+                self.target_value = self.placement.gather(target.fn(out))
                 raise _StopForward
             return out
 
@@ -185,18 +193,19 @@ class Sweep:
     # -- per-layer records -----------------------------------------------------------------------
     def _observe_residual(self, layer, out, share):
         slot = self.family.n_layers if layer is None else layer  # the final residual has no layer
-        self.on_grad(out, lambda g, a=out.detach(): self.residual[:, slot].add_((a * g).sum(-1)))
+        self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.residual[:, slot], (a * g).sum(-1)))
 
     def _observe_heads(self, layer, out, share):
         """Per-head relevance written into the residual stream: ``z * grad`` summed over d_head."""
-        self.on_grad(out, lambda g, a=out.detach(): self.heads_by_pos[:, layer].add_((a * g).sum(-1).transpose(1, 2)))
+        self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.heads_by_pos[:, layer],
+                                                                    (a * g).sum(-1).transpose(1, 2)))
 
     def _observe_mlp(self, layer, out, share):
-        self.on_grad(out, lambda g, a=out.detach(): self.mlp[:, layer].add_((a * g).sum(-1)))
+        self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.mlp[:, layer], (a * g).sum(-1)))
 
     def _observe_softmax(self, layer, out, share):
         """What the softmax rule absorbs, and the score gradient for strategies that ask for it."""
-        self.on_grad(out, lambda g, p=out.detach(): self._softmax(layer, p, share * g))
+        self.on_grad(out, lambda g, p=out.detach(): self._softmax(layer, self.precision.upcast(p), share * g))
 
     def _softmax(self, layer: int, pattern: Tensor, grad: Tensor) -> None:
         sinks = self.family.attention_sinks(layer)
@@ -204,22 +213,22 @@ class Sweep:
             sinks = sinks.detach().to(grad.dtype)[None, :, None]
         wanted = self.encoding.needs_score_gradient
         r_out, r_in, score_grad = softmax_relevance(pattern, grad, sinks, score_grad=wanted)
-        self.softmax_absorbed[:, layer].add_((r_out - r_in).sum((1, 2)))
+        self.accumulate(self.softmax_absorbed[:, layer], (r_out - r_in).sum((1, 2)))
         if score_grad is not None:
             self.encoding.at_scores(layer, score_grad)
 
     def _record(self, name: str, out: Tensor, share: float) -> None:
         """``attr.hooks[name]`` (relevance) and ``attr.gradients[name]`` (rule-modified gradient)."""
-        fold = self.fold_record
+        fold, dtype = self.fold_record, self.precision.records
         if name in self.gradient_names:
-            self.gradients[name] = fold(name, torch.zeros_like(out.detach()))
+            self.gradients[name] = fold(name, torch.zeros_like(out.detach(), dtype=dtype))
 
             def keep_grad(g):
                 self.gradients[name] = self.gradients[name] + fold(name, share * g.detach())
 
             self.on_grad(out, keep_grad)
         if name in self.record_names:
-            self.records[name] = fold(name, torch.zeros_like(out.detach()))  # zeros where none arrives
+            self.records[name] = fold(name, torch.zeros_like(out.detach(), dtype=dtype))  # zeros where none arrives
 
             def keep(g, out=out.detach()):
                 rel = share * out * g
@@ -232,7 +241,8 @@ class Sweep:
     def complete_output(self, logits: Tensor) -> Tensor:
         """The output rule (e.g. the identity rule on an output softcap) on the model's logits."""
         raw = self._captured.pop((Role.LOGITS, None), None)
-        return logits if raw is None else self.method.rule(Role.LOGITS).complete(raw[0], logits)
+        logits = logits if raw is None else self.method.rule(Role.LOGITS).complete(raw[0], logits)
+        return self.placement.gather(logits)  # the last layer's device: where the target indexes
 
 
 _OBSERVERS = {
@@ -314,7 +324,8 @@ def rule_sites(model, method: Union[str, Method] = "pa_lrp") -> Dict[str, Tuple[
     """Where ``explain`` installs rules on ``model``: hook name -> (role, the method's rule), after
     the family's canonizers (e.g. a bridge whose pattern only observes has no pattern site)."""
     family, m = family_for(model), get_method(method)
-    sweep = Sweep(family, m, 1, 1, torch.float32, "cpu", None, (), None)
+    sweep = Sweep(family, m, 1, 1, Precision(torch.float32, torch.float32), Placement(torch.device("cpu")),
+                  None, (), None)
     with model_left_unchanged(model), canonized(family.canonizers(), family, sweep):
         return {name: (hr, m.rule(hr.role)) for name, hr in sweep.roles.items()}
 
@@ -338,15 +349,8 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     m = get_method(method)
     record = resolve_hook_names(record, family, "record")
     record_gradients = resolve_hook_names(record_gradients, family, "record_gradients")
-    dtype = next(model.parameters()).dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"the model is in {dtype}; lens_palrp computes the sweep in float32 or float64 only "
-            "(half precision loses the small relevances of deep layers). Explain a float32 copy: "
-            "lp.explain(copy.deepcopy(model).to(torch.float32), ...)"
-        )
-    device = next(model.parameters()).device
-    prepared = family.prepare(tokens, attention_mask, prepend_bos, position, device)
+    precision, placement = precision_for(model), placement_for(model)
+    prepared = family.prepare(tokens, attention_mask, prepend_bos, position, placement.device)
     batch, n_pos = prepared.tokens.shape
     target_fn, hook_target = resolve_target(target, batch, prepared.positions, family,
                                             padded=prepared.attention_mask is not None)
@@ -357,7 +361,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
             "lp.explain_similarity(...)"
         )
 
-    sweep = Sweep(family, m, batch, n_pos, dtype, device, prepared.attention_mask, record, hook_target,
+    sweep = Sweep(family, m, batch, n_pos, precision, placement, prepared.attention_mask, record, hook_target,
                   record_gradients)
     with model_left_unchanged(model), canonized(family.canonizers(), family, sweep):
         sweep.start()
@@ -376,7 +380,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
             value = sweep.target_value
         else:
             value = target_fn(sweep.complete_output(logits))
-        value = _check_target_value(value, batch)
+        value = _check_target_value(value, batch, precision)
         if not value.requires_grad:
             raise ValueError("the target does not depend on the input: nothing to explain")
         roles_in_graph = list(sweep.leaves)
@@ -384,14 +388,14 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         if all(g is None for g in grads):  # it requires grad only through tensors of its own
             raise ValueError("the target does not depend on the input: nothing to explain")
     sink_relevance = {  # relevance of each input sink: embedding x gradient (Eq. 5, epsilon = 0)
-        r: sweep.leaves[r].detach() * (torch.zeros_like(sweep.leaves[r]) if g is None else g)
+        r: precision.relevance(sweep.leaves[r].detach(), torch.zeros_like(sweep.leaves[r]) if g is None else g)
         for r, g in zip(roles_in_graph, grads)
     }
-    attr = _assemble(sweep, prepared, value.detach(), sink_relevance)
+    attr = _assemble(sweep, prepared, precision.upcast(value.detach()), sink_relevance)
     return family.finish(attr, prepared, sink_relevance, options)
 
 
-def _check_target_value(value, batch: int) -> Tensor:
+def _check_target_value(value, batch: int, precision: Precision) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"the target must evaluate to a tensor [batch], got {type(value).__name__}")
     if value.ndim == 0 and batch == 1:
@@ -399,7 +403,7 @@ def _check_target_value(value, batch: int) -> Tensor:
     if value.shape != (batch,):
         raise ValueError(f"the target must evaluate to shape [batch]=({batch},), got {tuple(value.shape)}")
     if not bool(torch.isfinite(value).all()):
-        raise FloatingPointError(f"the target value is not finite: {value.tolist()}")
+        raise FloatingPointError(f"the target value is not finite: {value.tolist()} {precision.non_finite_hint()}")
     return value
 
 
@@ -451,5 +455,5 @@ def _assemble(sweep: Sweep, prepared, value: Tensor, sink_relevance: Dict[Role, 
             positional_leak_input=leak_input,
         ),
     )
-    check_finite(attr)  # the fields result.py's table marks finite: no NaN or inf
+    check_finite(attr, sweep.precision.describe_non_finite)  # the fields the table marks finite
     return attr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -515,12 +515,14 @@ FIELDS: Tuple[FieldSpec, ...] = _table(Attribution)
 FIELDS_BY_NAME: Dict[str, FieldSpec] = {s.name: s for s in FIELDS}
 
 
-def check_finite(attr: Attribution) -> None:
+def check_finite(attr: Attribution, describe: Optional[Callable[[str], str]] = None) -> None:
     """Refuse (``FloatingPointError``, naming the field) a result where a relevance the table
-    marks ``finite`` holds NaN or inf."""
+    marks ``finite`` holds NaN or inf; ``describe(what)`` words the message (the engine's says
+    which dtype the model ran in)."""
     for spec in FIELDS:
         value = getattr(attr, spec.name)
         if spec.finite and value is not None and not bool(torch.isfinite(value).all()):
+            what = f"the relevance '{spec.name}'"
             raise FloatingPointError(
-                f"the relevance '{spec.name}' contains NaN or inf; check the model's weights and inputs"
+                describe(what) if describe else f"{what} contains NaN or inf; check the model's weights and inputs"
             )

@@ -25,6 +25,9 @@ class FakeSweep:
         if tensor.requires_grad:
             tensor.register_hook(lambda g: fn(g))
 
+    def accumulate(self, total, value):
+        total.add_(value)
+
     def take(self, role, layer):
         return self.captured.pop((role, layer))
 

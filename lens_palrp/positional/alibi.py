@@ -18,7 +18,7 @@ class Alibi(PositionalEncoding):
 
     def at_scores(self, layer: int, score_gradient: Tensor) -> None:
         bias = self.family.alibi_bias(layer, self.sweep.n_pos).to(score_gradient.dtype)
-        self.sweep.positional[:, layer].add_(alibi_position_relevance(bias * score_gradient))
+        self.sweep.accumulate(self.sweep.positional[:, layer], alibi_position_relevance(bias * score_gradient))
 
     def layer_reductions(self, positional: Tensor) -> Tuple[Tensor, Tensor]:
         per_layer = positional.sum(2)  # one bias per layer: its per-position sink is the table

@@ -24,7 +24,9 @@ class PositionalEncoding:
 
     ``sweep`` gives: ``family``, ``method``, ``positional`` (the ``[batch, layers, heads, pos]``
     accumulator of attention-level sinks), ``leaves`` (the input sinks by role), ``n_pos``,
-    ``attention_mask``, ``kv_grouped``, ``on_grad(tensor, fn)`` and ``take(role, layer)``.
+    ``attention_mask``, ``kv_grouped``, ``on_grad(tensor, fn)`` (``fn`` gets the gradient in the
+    record dtype, float32 or better), ``accumulate(total, value)`` (adds across devices) and
+    ``take(role, layer)``.
     """
 
     needs_score_gradient = False  # ask the softmax observer for dL/dscores

@@ -50,8 +50,9 @@ class Rotary(PositionalEncoding):
     def at_scores(self, layer: int, score_gradient: Tensor) -> None:
         """Query head ``h`` reads its kv head's rotated key through its own scores, so its share of
         the key gradient is ``sum_i dL/dS_hij q~_hi / scale``; each query head gets that part."""
-        q = self.sweep.take(Role.ROT_Q, layer).detach()  # [batch, pos, heads, d_head]
-        k = self.sweep.take(Role.ROT_K, layer).detach()  # [batch, pos, kv_heads, d_head]
+        dtype = score_gradient.dtype  # the record dtype; q and k are in the model's
+        q = self.sweep.take(Role.ROT_Q, layer).detach().to(dtype)  # [batch, pos, heads, d_head]
+        k = self.sweep.take(Role.ROT_K, layer).detach().to(dtype)  # [batch, pos, kv_heads, d_head]
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         key_grad = torch.einsum("bhqk,bqhd->bkhd", score_gradient, q) / self.family.attn_scale(layer)
         self._sink(layer, k, self.key_rule.share * key_grad, self.key_rule.rotation_share)
@@ -61,15 +62,15 @@ class Rotary(PositionalEncoding):
         its split over the cos and sin table entries, summed over heads (one table per layer)."""
         fam = self.family
         rd = fam.rotary_dim
-        y, g = rotated[..., :rd], grad[..., :rd]
+        y, g = rotated[..., :rd].to(grad.dtype), grad[..., :rd]  # in the record dtype (precision)
         if y.shape[2] != fam.n_heads:  # a grouped key explained directly (at_hook)
             r = fam.n_heads // y.shape[2]  # no query head reads it: share it evenly
             y, g = y.repeat_interleave(r, dim=2), g.repeat_interleave(r, dim=2) / r
-        self.sweep.positional[:, layer].add_(kept * (y * g).sum(-1).transpose(1, 2))
+        self.sweep.accumulate(self.sweep.positional[:, layer], kept * (y * g).sum(-1).transpose(1, 2))
         if layer not in self.tables:  # the query and the key side share the layer's tables
             cos, sin = fam.rotary_tables(layer, self.sweep.n_pos, self.sweep.attention_mask)
             self.tables[layer] = (cos.to(g.dtype), sin.to(g.dtype))
-        cos, sin = self.tables[layer]
+        cos, sin = (t.to(g.dtype) for t in self.tables[layer])
         c, s = rope_table_relevance(y, g, cos, sin, fam.rotary_adjacent_pairs, head_dim=2)
         self.cos[layer] = self.cos.get(layer, 0) + kept * c
         self.sin[layer] = self.sin.get(layer, 0) + kept * s

@@ -31,7 +31,7 @@ class Shortformer(PositionalEncoding):
         W = (W_Q if role is Role.Q else W_K).to(grad.dtype)
         back = torch.einsum("bphe,hde->bphd", grad, W)  # gradient at the q/k input, per head
         per_head = (back * pos[:, :, None, :]).sum(-1)  # [batch, pos, heads]
-        self.sweep.positional[:, layer].add_(per_head.transpose(1, 2))
+        self.sweep.accumulate(self.sweep.positional[:, layer], per_head.transpose(1, 2))
         self.dims[layer] = self.dims.get(layer, 0) + back.sum(2) * pos
 
     def layer_reductions(self, positional: Tensor) -> Tuple[Tensor, Tensor]:
