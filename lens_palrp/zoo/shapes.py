@@ -20,6 +20,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from lens_palrp.load_args import DeviceLike, DtypeLike
 from lens_palrp.zoo import WEIGHTS_DIR
 
 SIZE = 32
@@ -61,11 +62,12 @@ def batch(n: int, seed: int = 0, generator: torch.Generator = None) -> Tuple[Ten
     return (images - MEAN) / STD, labels, masks
 
 
-def load(dtype: torch.dtype = torch.float32):
-    """The shipped tiny ViT as a ``HookedViT``."""
+def load(dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu"):
+    """The shipped tiny ViT as a ``HookedViT`` in ``dtype`` (a ``torch.dtype`` or its name) on
+    ``device`` (default ``"cpu"``)."""
     from lens_palrp.hooks.vit import HookedViT
 
-    return HookedViT.from_pretrained(FOLDER, dtype=dtype)
+    return HookedViT.from_pretrained(FOLDER, dtype=dtype, device=device)
 
 
 def train(steps: int = 3000, batch_size: int = 128, seed: int = 0, out: str = FOLDER) -> float:
