@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -186,6 +186,7 @@ def bridge_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: De
 
     dtype = as_dtype(dtype)
     device = as_device(device)
+    placement: Dict[str, object]
     if device_map is None:
         placement = {"device": str(device)}
     elif device.type != "cpu":
@@ -253,8 +254,9 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: DtypeLike = torch.f
     """
     import os
 
-    dtype = as_dtype(dtype)
-    placement = dict(device=as_device(device), device_map=None if device_map is None else as_device_map(device_map))
+    # checked before the long first load, not after
+    dtype, device = as_dtype(dtype), as_device(device)
+    device_map = None if device_map is None else as_device_map(device_map)
 
     folder = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lens_palrp", "gemma-3-270m")
     if not os.path.exists(os.path.join(folder, "model.safetensors")):
@@ -276,7 +278,7 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: DtypeLike = torch.f
         clean.load_state_dict(quantized.state_dict())
         clean.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    return bridge_from_folder(folder, dtype=dtype, **placement)
+    return bridge_from_folder(folder, dtype=dtype, device=device, device_map=device_map)
 
 
 def hooked_encoder_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu"):
