@@ -28,7 +28,7 @@ from lens_palrp.positional import PositionalEncoding, encoding_for
 from lens_palrp.precision import Precision, precision_for
 from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
-from lens_palrp.rules import Rule, softmax_relevance
+from lens_palrp.rules import Rule, softmax_input_relevance, softmax_output_relevance
 from lens_palrp.safety import model_left_unchanged
 from lens_palrp.targets import HookTarget, TargetSpec, resolve_target
 
@@ -203,19 +203,27 @@ class Sweep:
     def _observe_mlp(self, layer, out, share):
         self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.mlp[:, layer], (a * g).sum(-1)))
 
-    def _observe_softmax(self, layer, out, share):
-        """What the softmax rule absorbs, and the score gradient for strategies that ask for it."""
-        self.on_grad(out, lambda g, p=out.detach(): self._softmax(layer, self.precision.upcast(p), share * g))
+    def _observe_softmax_output(self, layer, out, share):
+        """The relevance leaving the softmax, ``sum_j p_j g_j`` (``g``: the gradient the pattern
+        passes on). What the softmax absorbs is that minus what enters it through the scores; a
+        learned sink logit (GPT-OSS) is a constant of the softmax, so its part counts as absorbed."""
+        self.on_grad(out, lambda g, p=out.detach(): self._softmax_output(layer, p, share * g))
 
-    def _softmax(self, layer: int, pattern: Tensor, grad: Tensor) -> None:
-        sinks = self.family.attention_sinks(layer)
-        if sinks is not None:
-            sinks = sinks.detach().to(grad.dtype)[None, :, None]
-        wanted = self.encoding.needs_score_gradient
-        r_out, r_in, score_grad = softmax_relevance(pattern, grad, sinks, score_grad=wanted)
-        self.accumulate(self.softmax_absorbed[:, layer], (r_out - r_in).sum((1, 2)))
-        if score_grad is not None:
-            self.encoding.at_scores(layer, score_grad)
+    def _softmax_output(self, layer: int, pattern: Tensor, grad: Tensor) -> None:
+        self.accumulate(self.softmax_absorbed[:, layer], softmax_output_relevance(pattern, grad).sum((1, 2)))
+
+    def _observe_softmax_input(self, layer, out, share):
+        """The relevance entering the softmax, ``sum_j s_j dL/ds_j`` at the scores (the softmax
+        input), read from the gradient autograd computes anyway, which positional strategies that
+        ask for it (``needs_score_gradient``) get as it is. Masked scores may be -inf where the
+        gradient is exactly 0: their NaN products count as 0 (nansum)."""
+        self.on_grad(out, lambda g, s=out.detach(): self._softmax_input(layer, s, share * g))
+
+    def _softmax_input(self, layer: int, scores: Tensor, grad: Tensor) -> None:
+        r_in = softmax_input_relevance(scores, grad)
+        self.accumulate(self.softmax_absorbed[:, layer], -r_in.sum((1, 2)))
+        if self.encoding.needs_score_gradient:
+            self.encoding.at_scores(layer, grad)
 
     def _record(self, name: str, out: Tensor, share: float) -> None:
         """``attr.hooks[name]`` (relevance) and ``attr.gradients[name]`` (rule-modified gradient)."""
@@ -252,7 +260,8 @@ _OBSERVERS = {
     Role.MLP_POST: Sweep._observe_mlp,
     Role.MLP_GATED: Sweep._observe_mlp,
     Role.MLP_NORMED_POST: Sweep._observe_mlp,
-    Role.PATTERN: Sweep._observe_softmax,
+    Role.PATTERN: Sweep._observe_softmax_output,
+    Role.SCORES: Sweep._observe_softmax_input,
 }
 
 

@@ -101,7 +101,7 @@ def captured_alibi(bridge, tokens, attention_mask=None):
 @pytest.mark.parametrize("mode", ["default", "compat"])
 def test_every_hook_the_sweep_patches_is_in_the_computation_path(mode, tmp_path):
     """A rule installed on an observer-only hook would silently do nothing: every hook whose
-    output the sweep replaces (and hook_attn_scores, which the Eq. 15 check below reads) must
+    output the sweep replaces or reads (hook_attn_scores: the softmax input and Eq. 15's gradient) must
     change the output when perturbed. hook_pattern is among them, so no attention is rebuilt."""
     _, bridge = tiny_bloom(tmp_path)
     if mode == "compat":
@@ -110,7 +110,7 @@ def test_every_hook_the_sweep_patches_is_in_the_computation_path(mode, tmp_path)
     assert not family.canonizers() and family.pe_type == "alibi"  # BLOOM's pattern hook is in the path
     roles = family.hook_roles()
     assert {r.role for r in roles.values()} == {
-        Role.EMBED, Role.NORM_SCALE, Role.RESID_PRE, Role.Q, Role.K, Role.V, Role.PATTERN, Role.Z,
+        Role.EMBED, Role.NORM_SCALE, Role.RESID_PRE, Role.Q, Role.K, Role.V, Role.SCORES, Role.PATTERN, Role.Z,
         Role.MLP_PRE, Role.MLP_POST, Role.RESID_FINAL,
     }
     assert {"embed_ln.hook_scale", "blocks.1.ln1.hook_scale", "blocks.1.ln2.hook_scale",
@@ -118,7 +118,8 @@ def test_every_hook_the_sweep_patches_is_in_the_computation_path(mode, tmp_path)
     with torch.no_grad():
         base = bridge(TOKENS)
     names = [n for n, r in roles.items() if r.role is not Role.RESID_FINAL]
-    for name in names + ["blocks.0.attn.hook_attn_scores", "blocks.1.attn.hook_attn_scores"]:
+    assert {"blocks.0.attn.hook_attn_scores", "blocks.1.attn.hook_attn_scores"} <= set(names)
+    for name in names:
         with torch.no_grad():
             out = bridge.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda a, hook: a * 1.3 + 0.05)])
         assert float((out - base).abs().max()) > 1e-8, name

@@ -2,10 +2,11 @@
 
 A TransformerBridge that hands attention to Hugging Face (BERT) exposes q, k and v in the path but
 the pattern only as a copy, so a rule installed on it would change nothing. This canonizer drops
-the observed pattern from the sweep's roles and, at ``hook_z``, recomputes
+the observed scores and pattern from the sweep's roles and, at ``hook_z``, recomputes
 ``softmax(q k^T / scale + mask) v`` from the rule-patched q, k and v, the pattern passing through
 the sweep's ``PATTERN`` rule. The model continues with its own z (the value is unchanged) and the
-gradient flows through the rebuilt graph. The rebuilt z must equal the model's; where it does not,
+gradient flows through the rebuilt graph, the rebuilt scores and pattern passing the sweep's
+sites of those roles. The rebuilt z must equal the model's; where it does not,
 the attention is not plain softmax attention and the rules would be wrong: refused.
 """
 
@@ -21,7 +22,7 @@ from lens_palrp.roles import HookRole, Role
 class RebuildAttention(Canonizer):
     def register(self, family, sweep) -> None:
         self.family, self.sweep = family, sweep
-        for name in [n for n, hr in sweep.roles.items() if hr.role is Role.PATTERN]:
+        for name in [n for n, hr in sweep.roles.items() if hr.role in (Role.SCORES, Role.PATTERN)]:
             del sweep.roles[name]
         sweep.capture(Role.Q, Role.K, Role.V)
         sweep.transform(Role.Z, self.rebuild)
@@ -43,7 +44,9 @@ class RebuildAttention(Canonizer):
         keep = keep[None, None]
         if sweep.attention_mask is not None:
             keep = keep & sweep.attention_mask.bool()[:, None, None, :]
-        pattern = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        scores = sweep.run_site(f"blocks.{layer}.attn.hook_attn_scores", HookRole(Role.SCORES, layer),
+                                scores.masked_fill(~keep, float("-inf")), True)
+        pattern = torch.softmax(scores, dim=-1)
         pattern = sweep.run_site(f"blocks.{layer}.attn.hook_pattern", HookRole(Role.PATTERN, layer), pattern, True)
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         err = float((z.detach() - z_model.detach()).abs().max())

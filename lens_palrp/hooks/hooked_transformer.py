@@ -69,8 +69,7 @@ def hooked_transformer_roles(family) -> Dict[str, HookRole]:
             at(Role.Q, "q")
             at(Role.K, "k")
         at(Role.V, "v")
-        if family.attn_softcap is not None:
-            at(Role.SCORES, "attn_scores")
+        at(Role.SCORES, "attn_scores")  # the softmax input: the capped scores where there is a cap
         at(Role.PATTERN, "pattern")
         at(Role.Z, "z")
         if not family.attn_only:

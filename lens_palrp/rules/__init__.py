@@ -15,7 +15,8 @@ from lens_palrp.rules.functional import (
     rope_table_relevance,
     rotate_every_two,
     scale_grad,
-    softmax_relevance,
+    softmax_input_relevance,
+    softmax_output_relevance,
 )
 from lens_palrp.rules.products import GatedShares, HeldConstant, RotatedShare, UniformShare
 
@@ -23,6 +24,6 @@ __all__ = [
     "Rule", "Site", "Applied", "Gradient", "InputSink", "ConstantScale", "UniformShare", "HeldConstant",
     "RotatedShare", "GatedShares", "IdentityActivation", "IdentitySoftcap", "IdentityOutputSoftcap",
     "Factor", "scale_grad", "linearized", "identity_rule_ratio", "identity_rule", "gated_product", "rotate_every_two",
-    "rope_table_relevance", "alibi_split_weights", "alibi_position_relevance", "softmax_relevance",
+    "rope_table_relevance", "alibi_split_weights", "alibi_position_relevance", "softmax_input_relevance", "softmax_output_relevance",
     "linear_gamma_relevance",
 ]

@@ -24,16 +24,19 @@ class IdentityActivation(Rule):
 
 
 class IdentitySoftcap(Rule):
-    """The attention softcap ``c tanh(s / c)`` (Gemma-2 style) under the identity rule. No hook
+    """The attention softcap ``c tanh(s / c)`` (Gemma-2 style) under the identity rule (models
+    without a cap: the scores pass unchanged). No hook
     sits between ``q k^T`` and the cap, so the raw scores are recomputed from the rule-patched
     query and key the family names in ``score_roles``; the model keeps its own value."""
 
     def reads(self, family) -> Tuple[Role, ...]:
-        return tuple(family.score_roles)
+        return tuple(family.score_roles) if family.attn_softcap is not None else ()
 
     def apply(self, act: Tensor, site: Site) -> Applied:
         fam = site.family
-        assert site.layer is not None and fam.attn_softcap is not None  # only scores of a softcapped block
+        if fam.attn_softcap is None:  # no cap: the scores pass unchanged
+            return act, 1.0
+        assert site.layer is not None
         q_role, k_role = fam.score_roles
         q, k = site.take(q_role), site.take(k_role)
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(site.layer)

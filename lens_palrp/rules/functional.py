@@ -7,7 +7,7 @@ node is left bit-identical, only the gradient that flows through it changes, so 
 * gradient patches used during the hooked forward (``scale_grad``, ``linearized``,
   ``identity_rule_ratio``, ``gated_product``);
 * closed-form reductions used on (activation, gradient) pairs during the sweep
-  (``rope_table_relevance``, ``alibi_position_relevance``, ``softmax_relevance``).
+  (``rope_table_relevance``, ``alibi_position_relevance``, ``softmax_input_relevance``, ...).
 
 Each has a slow element-wise reference in ``tests/reference_rules.py``.
 """
@@ -173,31 +173,20 @@ def alibi_position_relevance(bias_relevance: Tensor) -> Tensor:
     return (bias_relevance * to_query).sum(-1) + (bias_relevance * to_key).sum(-2)
 
 
-def softmax_relevance(
-    pattern: Tensor, grad: Tensor, sink_logit: Optional[Tensor] = None, score_grad: bool = False
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Relevance in and out of a softmax row, from its output and the gradient it receives.
+def softmax_output_relevance(pattern: Tensor, grad: Tensor) -> Tensor:
+    """Relevance leaving a softmax per row, ``R_out = sum_j p_j g_j`` ``[..., query]``, from its
+    output ``p`` and the gradient ``g`` the output passes on."""
+    return (pattern * grad).sum(-1)
 
-    Returns ``(R_out, R_in, score_grad)``, the first two summed over keys (``[..., query]``), and,
-    if asked, ``score_grad = p (g - <p, g>)``, the gradient at the scores. ``R_in = sum_j s_j
-    score_grad_j`` is computed without the scores: inside a row ``s_j = log p_j + c`` with ``c``
-    the row's log-partition, so ``R_in = sum_j p_j log p_j (g_j - <p, g>) + c sum_j score_grad_j``;
-    the last sum is 0 for a plain softmax and ``<p, g> p_sink`` when a learned sink logit joins
-    the softmax (then ``c = sink_logit - log p_sink``). ``R_out - R_in`` is what the softmax rule
-    absorbs. Written to hold one row-sized temporary at a time: it runs inside the backward.
-    """
-    tmp = pattern * grad  # the one [..., query, key] temporary, reused in place
-    r_out = tmp.sum(-1)
-    torch.special.xlogy(pattern, pattern, out=tmp)
-    plogp_sum = tmp.sum(-1)
-    r_in = tmp.mul_(grad).sum(-1) - r_out * plogp_sum
-    del tmp
-    if sink_logit is not None:
-        p_sink = (1 - pattern.sum(-1)).clamp(min=torch.finfo(pattern.dtype).tiny)
-        log_partition = sink_logit - torch.log(p_sink)
-        r_in = r_in + log_partition * r_out * p_sink
-    g_scores = pattern * (grad - r_out[..., None]) if score_grad else None
-    return r_out, r_in, g_scores
+
+def softmax_input_relevance(scores: Tensor, score_grad: Tensor) -> Tensor:
+    """Relevance entering a softmax per row under the deep Taylor rule with bias, ``R_in = sum_j
+    s_j dy/ds_j`` ``[..., query]``, from its input ``s`` and the gradient autograd computes there
+    (``p_j (g_j - <p, g>)``: no recomputation). A masked score is ``-inf`` where the gradient is
+    exactly 0; that product (NaN) counts as 0. A learned sink logit that joins the softmax
+    (GPT-OSS) is not among the scores: its share is absorbed, as a bias's is. ``R_out - R_in``
+    summed over rows is what the softmax rule absorbs."""
+    return torch.nansum(scores * score_grad, dim=-1)
 
 
 def linear_gamma_relevance(x: Tensor, weight: Tensor, bias: Optional[Tensor], relevance: Tensor,
