@@ -40,12 +40,17 @@ def test_relevance_is_formed_in_the_record_dtype_not_rounded_to_the_models():
     assert float(a * g) != (1 + 2 ** -7) ** 2
 
 
-def test_precision_for_refuses_integer_models_naming_the_dtype():
+def test_precision_for_refuses_other_dtypes_naming_them():
     model = torch.nn.Embedding(3, 2)
     model.weight.data = model.weight.data.to(torch.bfloat16)
     assert precision_for(model) == Precision(torch.bfloat16, torch.float32)
     with pytest.raises(TypeError, match="no floating-point parameters"):
         precision_for(torch.nn.Module())
+    eight_bit = torch.nn.Linear(2, 2)
+    eight_bit.weight = torch.nn.Parameter(eight_bit.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
+    eight_bit.bias = None
+    with pytest.raises(TypeError, match="float8_e4m3fn; lens_palrp explains models in float64, float32, bfloat16, float16"):
+        precision_for(eight_bit)
 
 
 def test_the_non_finite_message_names_the_dtype_and_a_way_out():
