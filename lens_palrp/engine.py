@@ -84,6 +84,8 @@ class Sweep:
         self._transforms: Dict[Role, List[Callable[[_Site, Tensor], Tensor]]] = {}
         self._readers: Counter = Counter({Role.LOGITS: 1})  # the output rule completes from the raw logits
         self._captured: Dict[Tuple[Role, Optional[int]], List] = {}
+        self._pattern_shares: Dict[int, float] = {}  # the relevance leaving each softmax, read in finish
+        self._z_shares: Dict[int, float] = {}
 
     # -- what canonizers and strategies use ------------------------------------------------------
     def capture(self, *roles: Role) -> None:
@@ -180,43 +182,59 @@ class Sweep:
         if share is None:  # held constant: no relevance passes, the record holds zeros
             for alias in names:
                 if alias in self.record_names:
-                    self.records[alias] = torch.zeros_like(out.detach())
+                    self.records[alias] = torch.zeros_like(out.detach(), dtype=self.precision.records)
             return out
         self.encoding.at_site(site, out, share)
         observe = _OBSERVERS.get(role)
         if observe is not None:
-            observe(self, layer, out, share)
+            observe(self, site, out, share)
         for alias in names:
             self._record(alias, out, share)
         return out
 
     # -- per-layer records -----------------------------------------------------------------------
-    def _observe_residual(self, layer, out, share):
+    def _observe_residual(self, site, out, share):
+        layer = site.layer
         slot = self.family.n_layers if layer is None else layer  # the final residual has no layer
         self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.residual[:, slot], (a * g).sum(-1)))
 
-    def _observe_heads(self, layer, out, share):
+    def _observe_heads(self, site, out, share):
         """Per-head relevance written into the residual stream: ``z * grad`` summed over d_head."""
+        layer = site.layer
+        self._z_shares[layer] = share
         self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.heads_by_pos[:, layer],
                                                                     (a * g).sum(-1).transpose(1, 2)))
 
-    def _observe_mlp(self, layer, out, share):
+    def _observe_mlp(self, site, out, share):
+        layer = site.layer
         self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.mlp[:, layer], (a * g).sum(-1)))
 
-    def _observe_softmax_output(self, layer, out, share):
+    def _observe_softmax_output(self, site, out, share):
         """The relevance leaving the softmax, ``sum_j p_j g_j`` (``g``: the gradient the pattern
         passes on). What the softmax absorbs is that minus what enters it through the scores; a
-        learned sink logit (GPT-OSS) is a constant of the softmax, so its part counts as absorbed."""
-        self.on_grad(out, lambda g, p=out.detach(): self._softmax_output(layer, p, share * g))
+        learned sink logit (GPT-OSS) is a constant of the softmax, so its part counts as absorbed.
+
+        Where the pattern feeds the head output ``z = A V`` (``hook_z``, in every family; an
+        element-wise gate after it changes nothing), ``sum_ij p_ij sum_d g_id v_jd = sum_id z_id
+        g_id``: the sum is the layer's per-head relevance, which the ``Z`` observer reduces
+        anyway, times the pattern's and z's shares; ``finish`` reads it from there, and no
+        ``[query, key]``-sized product is formed. Only at an ``at_hook`` target on the pattern
+        itself (no z follows) is it formed here."""
+        layer = site.layer
+        if site.consumer:
+            self._pattern_shares[layer] = share
+        else:
+            self.on_grad(out, lambda g, p=out.detach(): self._softmax_output(layer, p, share * g))
 
     def _softmax_output(self, layer: int, pattern: Tensor, grad: Tensor) -> None:
         self.accumulate(self.softmax_absorbed[:, layer], softmax_output_relevance(pattern, grad).sum((1, 2)))
 
-    def _observe_softmax_input(self, layer, out, share):
+    def _observe_softmax_input(self, site, out, share):
         """The relevance entering the softmax, ``sum_j s_j dL/ds_j`` at the scores (the softmax
         input), read from the gradient autograd computes anyway, which positional strategies that
         ask for it (``needs_score_gradient``) get as it is. Masked scores may be -inf where the
         gradient is exactly 0: their NaN products count as 0 (nansum)."""
+        layer = site.layer
         self.on_grad(out, lambda g, s=out.detach(): self._softmax_input(layer, s, share * g))
 
     def _softmax_input(self, layer: int, scores: Tensor, grad: Tensor) -> None:
@@ -244,6 +262,14 @@ class Sweep:
                 self.records[name] = self.records[name] + fold(name, rel.detach())
 
             self.on_grad(out, keep)
+
+    # -- after the backward ----------------------------------------------------------------------
+    def finish(self) -> None:
+        """What is read off the other records once the backward is done: each softmax's output
+        relevance from its layer's per-head relevance (``_observe_softmax_output``)."""
+        for layer, share in self._pattern_shares.items():
+            r_out = self.heads_by_pos[:, layer].sum((1, 2)) * (share * self._z_shares.get(layer, 0.0))
+            self.softmax_absorbed[:, layer].add_(r_out)
 
     # -- after the forward -----------------------------------------------------------------------
     def complete_output(self, logits: Tensor) -> Tensor:
@@ -396,6 +422,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         grads = torch.autograd.grad(value.sum(), [sweep.leaves[r] for r in roles_in_graph], allow_unused=True)
         if all(g is None for g in grads):  # it requires grad only through tensors of its own
             raise ValueError("the target does not depend on the input: nothing to explain")
+        sweep.finish()
     sink_relevance = {  # relevance of each input sink: embedding x gradient (Eq. 5, epsilon = 0)
         r: precision.relevance(sweep.leaves[r].detach(), torch.zeros_like(sweep.leaves[r]) if g is None else g)
         for r, g in zip(roles_in_graph, grads)

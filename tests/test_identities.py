@@ -252,3 +252,17 @@ def test_lemma_3_3_alibi_positional_only_task(device):
     pos_map = pa.combined(parts="positional")
     assert float(pos_map[0, 1:5].abs().min()) > 1e-5
     assert float(pa.positional.abs().sum()) > 1e-4
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_z", "blocks.1.hook_resid_post"])
+def test_softmax_absorption_is_exact_for_hidden_targets_too(hook):
+    """The relevance leaving a softmax is read from its layer's per-head relevance (sum p g =
+    sum z g for z = A V); at a target on the pattern itself no z follows and it is formed from the
+    pattern. Either way, on a bias-free model only the softmaxes absorb (identity 5)."""
+    model = make_model("gpt2_like", biases=False)
+    target = lp.at_hook(hook, lambda act: act.reshape(act.shape[0], -1)[:, -7:].sum(-1))  # a few last entries
+    attr = lp.explain(model, tokens_for(model), target, method="attn_lrp")
+    c = attr.conservation()
+    scale = c.target_value.abs().max()
+    torch.testing.assert_close(c.other_absorbed / scale, torch.zeros_like(scale).expand(2), **TOL)
+    assert float(c.softmax_absorbed_per_layer[:, 1].abs().max()) > 1e-6 * float(scale)
