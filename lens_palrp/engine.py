@@ -111,13 +111,14 @@ class Sweep:
 
     def on_grad(self, tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
         """Call ``fn(grad)`` when the backward reaches ``tensor`` (if it is in the graph), with the
-        gradient in the record dtype (``lens_palrp.precision``): whatever ``fn`` multiplies it
-        with is promoted, so every relevance is formed in float32 or better."""
+        gradient in the record dtype, a float16 backward's seed scale divided out
+        (``lens_palrp.precision``): whatever ``fn`` multiplies it with is promoted, so every
+        relevance is formed in float32 or better."""
         if tensor.requires_grad:
-            upcast = self.precision.upcast
+            unscale = self.precision.unscale
 
             def hook(grad: Tensor) -> None:
-                fn(upcast(grad))
+                fn(unscale(grad))
 
             tensor.register_hook(hook)
 
@@ -351,8 +352,12 @@ def explain(
     # the sweep needs autograd even when the caller is in no_grad / inference mode
     with torch.inference_mode(False), torch.enable_grad():
         with unverified_architectures(allow_unverified):
-            return _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-                            record_gradients, options)
+            args = (model, tokens, target, method, position, record, attention_mask, prepend_bos,
+                    record_gradients, options)
+            try:
+                return _explain(*args)
+            except _ScaledBackwardOverflow:  # float16: the seeded backward overflowed; once more unscaled
+                return _explain(*args, scale_gradients=False)
 
 
 def rule_sites(model, method: Union[str, Method] = "pa_lrp") -> Dict[str, Tuple[HookRole, Rule]]:
@@ -377,14 +382,18 @@ def _family_options(family, options) -> dict:
     return family.resolve_options({k: v for k, v in options.items() if v is not None})
 
 
+class _ScaledBackwardOverflow(Exception):
+    """A float16 sweep whose seeded backward (``precision.FLOAT16_GRADIENT_SCALE``) overflowed."""
+
+
 def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-             record_gradients, options) -> Attribution:
+             record_gradients, options, scale_gradients: bool = True) -> Attribution:
     family = family_for(model)
     options = _family_options(family, options)
     m = get_method(method)
     record = resolve_hook_names(record, family, "record")
     record_gradients = resolve_hook_names(record_gradients, family, "record_gradients")
-    precision, placement = precision_for(model), placement_for(model)
+    precision, placement = precision_for(model, scale_gradients), placement_for(model)
     prepared = family.prepare(tokens, attention_mask, prepend_bos, position, placement.device)
     batch, n_pos = prepared.tokens.shape
     target_fn, hook_target = resolve_target(target, batch, prepared.positions, family,
@@ -419,7 +428,8 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         if not value.requires_grad:
             raise ValueError("the target does not depend on the input: nothing to explain")
         roles_in_graph = list(sweep.leaves)
-        grads = torch.autograd.grad(value.sum(), [sweep.leaves[r] for r in roles_in_graph], allow_unused=True)
+        seed = torch.full((), precision.gradient_scale, dtype=value.dtype, device=value.device)
+        grads = torch.autograd.grad(value.sum(), [sweep.leaves[r] for r in roles_in_graph], seed, allow_unused=True)
         if all(g is None for g in grads):  # it requires grad only through tensors of its own
             raise ValueError("the target does not depend on the input: nothing to explain")
         sweep.finish()
@@ -427,7 +437,12 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         r: precision.relevance(sweep.leaves[r].detach(), torch.zeros_like(sweep.leaves[r]) if g is None else g)
         for r, g in zip(roles_in_graph, grads)
     }
-    attr = _assemble(sweep, prepared, precision.upcast(value.detach()), sink_relevance)
+    try:
+        attr = _assemble(sweep, prepared, precision.upcast(value.detach()), sink_relevance)
+    except FloatingPointError as err:
+        if precision.gradient_scale != 1.0:
+            raise _ScaledBackwardOverflow from err
+        raise
     return family.finish(attr, prepared, sink_relevance, options)
 
 

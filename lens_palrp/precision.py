@@ -8,6 +8,13 @@ own), while every record the sweep keeps is formed from operands upcast to the *
 (float32 for half models, float64 for float64 models) the moment the backward reaches them, and
 accumulated there. Only those small per-site temporaries are upcast, never the model.
 
+float16 has bfloat16's precision problem less and another one more: gradients below 6e-5 lose
+bits (subnormals) and below 6e-8 vanish, and the deep layers' gradients of one logit are that
+small; the per-layer positional sums of an 8-layer model came out 14% off. So a float16 sweep
+seeds its backward with ``FLOAT16_GRADIENT_SCALE`` (a power of two, as mixed-precision training
+scales its loss) and every gradient hook divides it out after the upcast, exactly. Should the
+scaled backward overflow, ``explain`` runs the sweep once more unscaled.
+
 Half precision can overflow (float16 saturates at 65504) or give NaN; a result is never silently
 wrong: the engine refuses a non-finite target value or relevance with a ``FloatingPointError``
 that names the dtype (``describe_non_finite``).
@@ -30,12 +37,17 @@ RECORD_DTYPES: Dict[torch.dtype, torch.dtype] = {
 }
 
 
+FLOAT16_GRADIENT_SCALE = 2.0 ** 10  # 1024: the float16 per-layer error 14% -> 0.35% (benchmarks/precision.py)
+
+
 @dataclass(frozen=True)
 class Precision:
-    """The two dtypes of one sweep: the model's and the records'."""
+    """The two dtypes of one sweep (the model's and the records'), and the factor the backward is
+    seeded with (1 but for float16)."""
 
     model: torch.dtype
     records: torch.dtype
+    gradient_scale: float = 1.0
 
     @property
     def half(self) -> bool:
@@ -45,9 +57,18 @@ class Precision:
         """``tensor`` in the record dtype (itself where it is already; a copy otherwise)."""
         return tensor if tensor.dtype == self.records else tensor.to(self.records)
 
+    def unscale(self, gradient: Tensor) -> Tensor:
+        """A gradient of the seeded backward as the gradient of the target: in the record dtype,
+        the seed's scale divided out (exact: a power of two)."""
+        gradient = self.upcast(gradient)
+        return gradient if self.gradient_scale == 1.0 else gradient * (1.0 / self.gradient_scale)
+
     def relevance(self, activation: Tensor, gradient: Tensor) -> Tensor:
-        """``activation * gradient`` formed in the record dtype."""
-        return self.upcast(activation) * self.upcast(gradient)
+        """``activation * gradient`` formed in the record dtype (``gradient`` from the backward)."""
+        return self.upcast(activation) * self.unscale(gradient)
+
+    def unscaled(self) -> "Precision":
+        return Precision(self.model, self.records)
 
     def describe_non_finite(self, what: str) -> str:
         """The message of the ``FloatingPointError`` for a NaN / inf in ``what``."""
@@ -65,7 +86,7 @@ class Precision:
         return f"(model in {str(self.model).replace('torch.', '')}); {hint}"
 
 
-def precision_for(model) -> Precision:
+def precision_for(model, scale_gradients: bool = True) -> Precision:
     """The precision of a sweep on ``model``, from its first floating-point parameter (the
     embedding: what the relevance leaves are made of); an unsupported dtype is refused, naming it."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -74,4 +95,5 @@ def precision_for(model) -> Precision:
     if dtype not in RECORD_DTYPES:
         supported = ", ".join(str(d).replace("torch.", "") for d in RECORD_DTYPES)
         raise TypeError(f"the model is in {dtype}; lens_palrp explains models in {supported}")
-    return Precision(dtype, RECORD_DTYPES[dtype])
+    scale = FLOAT16_GRADIENT_SCALE if dtype == torch.float16 and scale_gradients else 1.0
+    return Precision(dtype, RECORD_DTYPES[dtype], scale)

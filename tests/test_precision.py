@@ -123,3 +123,44 @@ def test_a_half_hooked_transformer_is_explained_in_float32_records():
     assert attr.semantic.dtype is torch.float32
     assert _relative(attr.semantic, ref.semantic) < 0.05
     assert _relative(attr.positional, ref.positional) < 0.05
+
+
+def test_float16_backward_is_seeded_with_a_power_of_two_and_divided_back_exactly():
+    """The seed scale lifts float16's small gradients out of the subnormals; dividing it back is
+    exact, so on weights where nothing underflows the scaled and unscaled sweeps agree to float16
+    rounding, and both match float64 (a forgotten division would be 1024 times off)."""
+    from lens_palrp.precision import FLOAT16_GRADIENT_SCALE
+
+    assert precision_for(_llama_bridge(torch.float16)).gradient_scale == FLOAT16_GRADIENT_SCALE
+    assert precision_for(_llama_bridge(torch.bfloat16)).gradient_scale == 1.0
+    half = _llama_bridge(torch.float16)
+    tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(3))
+    ref = lp.explain(copy.deepcopy(half).to(torch.float64), tokens, 7)
+    attr = lp.explain(half, tokens, 7)
+    assert _relative(attr.semantic, ref.semantic) < 0.01
+    assert _relative(attr.positional.sum((2, 3)), ref.positional.sum((2, 3))) < 0.05
+
+
+def test_a_float16_sweep_whose_scaled_backward_overflows_runs_again_unscaled():
+    half = _llama_bridge(torch.float16)
+    wide = copy.deepcopy(half).to(torch.float32)
+    tokens = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(2))
+
+    def amplify_gradient(act, hook):  # the same value; its gradient times 2000 (times 1024 more overflows)
+        return act + (act - act.detach()) * 1999.0
+
+    forwards = []
+    points = [half.blocks[0].hook_resid_pre, wide.blocks[0].hook_resid_pre]
+    for point in points:
+        point.add_hook(amplify_gradient)
+    counter = half.blocks[0].hook_resid_pre.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        attr = lp.explain(half, tokens, 7)
+        ref = lp.explain(wide, tokens, 7)
+    finally:
+        counter.remove()
+        for point in points:
+            point.remove_hooks("fwd")
+    assert len(forwards) == 2  # the scaled sweep raised inside, the unscaled one returned
+    assert torch.isfinite(attr.semantic).all()
+    assert _relative(attr.semantic, ref.semantic) < 0.05
