@@ -84,6 +84,7 @@ class Sweep:
         self._transforms: Dict[Role, List[Callable[[_Site, Tensor], Tensor]]] = {}
         self._readers: Counter = Counter({Role.LOGITS: 1})  # the output rule completes from the raw logits
         self._captured: Dict[Tuple[Role, Optional[int]], List] = {}
+        self._patterns: Dict[int, Tensor] = {}  # each softmax's output until the backward reaches its input
         self._pattern_shares: Dict[int, float] = {}  # the relevance leaving each softmax, read in finish
         self._z_shares: Dict[int, float] = {}
 
@@ -222,6 +223,7 @@ class Sweep:
         ``[query, key]``-sized product is formed. Only at an ``at_hook`` target on the pattern
         itself (no z follows) is it formed here."""
         layer = site.layer
+        self._patterns[layer] = out.detach()  # what autograd keeps anyway, for R_in at the scores
         if site.consumer:
             self._pattern_shares[layer] = share
         else:
@@ -231,15 +233,19 @@ class Sweep:
         self.accumulate(self.softmax_absorbed[:, layer], softmax_output_relevance(pattern, grad).sum((1, 2)))
 
     def _observe_softmax_input(self, site, out, share):
-        """The relevance entering the softmax, ``sum_j s_j dL/ds_j`` at the scores (the softmax
-        input), read from the gradient autograd computes anyway, which positional strategies that
-        ask for it (``needs_score_gradient``) get as it is. Masked scores may be -inf where the
-        gradient is exactly 0: their NaN products count as 0 (nansum)."""
+        """The relevance entering the softmax, ``sum_j s_j dL/ds_j``, from the gradient autograd
+        computes at the scores anyway and the pattern of the same layer (no score is kept for the
+        backward: ``rules.softmax_input_relevance``); positional strategies that ask for the
+        score gradient (``needs_score_gradient``) get it as it is."""
         layer = site.layer
-        self.on_grad(out, lambda g, s=out.detach(): self._softmax_input(layer, s, share * g))
+        self.on_grad(out, lambda g: self._softmax_input(layer, share * g))
 
-    def _softmax_input(self, layer: int, scores: Tensor, grad: Tensor) -> None:
-        r_in = softmax_input_relevance(scores, grad)
+    def _softmax_input(self, layer: int, grad: Tensor) -> None:
+        pattern = self._patterns.pop(layer)
+        sinks = self.family.attention_sinks(layer)
+        if sinks is not None:
+            sinks = sinks.detach().to(grad.dtype)[None, :, None]
+        r_in = softmax_input_relevance(pattern, grad, sinks)
         self.accumulate(self.softmax_absorbed[:, layer], -r_in.sum((1, 2)))
         if self.encoding.needs_score_gradient:
             self.encoding.at_scores(layer, grad)

@@ -72,8 +72,9 @@ def test_gated_product_matches_closed_form(shares):
 
 @pytest.mark.parametrize("sink", [False, True])
 def test_softmax_relevance_matches_deep_taylor_rule(sink):
-    """R_in from the scores and the gradient autograd leaves at them (the engine's inputs) equals
-    the slow deep-Taylor reference per row, masked keys (-inf) included; R_out is sum p g."""
+    """R_in from the pattern and the gradient autograd leaves at the scores (the engine's inputs:
+    no score kept) equals the slow deep-Taylor reference per row, masked keys (-inf) included, with
+    a sink logit too; R_out is sum p g."""
     scores = (torch.randn(3, 6, dtype=D) * 2 + 0.7).requires_grad_(True)  # arbitrary row offsets
     mask = torch.zeros(3, 6, dtype=torch.bool)
     mask[0, 4:] = True  # masked keys
@@ -87,7 +88,7 @@ def test_softmax_relevance_matches_deep_taylor_rule(sink):
         p = torch.softmax(masked, -1)
     (score_grad,) = torch.autograd.grad(p, scores, g)
     score_values = masked.detach()
-    r_in = rules.softmax_input_relevance(score_values, score_grad)
+    r_in = rules.softmax_input_relevance(p.detach(), score_grad, sink_logit if sink else None)
     r_out = rules.softmax_output_relevance(p.detach(), g)
     assert torch.isfinite(r_in).all()
     for row in range(3):

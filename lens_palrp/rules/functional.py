@@ -179,14 +179,21 @@ def softmax_output_relevance(pattern: Tensor, grad: Tensor) -> Tensor:
     return (pattern * grad).sum(-1)
 
 
-def softmax_input_relevance(scores: Tensor, score_grad: Tensor) -> Tensor:
+def softmax_input_relevance(pattern: Tensor, score_grad: Tensor, sink_logit: Optional[Tensor] = None) -> Tensor:
     """Relevance entering a softmax per row under the deep Taylor rule with bias, ``R_in = sum_j
-    s_j dy/ds_j`` ``[..., query]``, from its input ``s`` and the gradient autograd computes there
-    (``p_j (g_j - <p, g>)``: no recomputation). A masked score is ``-inf`` where the gradient is
-    exactly 0; that product (NaN) counts as 0. A learned sink logit that joins the softmax
-    (GPT-OSS) is not among the scores: its share is absorbed, as a bias's is. ``R_out - R_in``
-    summed over rows is what the softmax rule absorbs."""
-    return torch.nansum(scores * score_grad, dim=-1)
+    s_j dy/ds_j`` ``[..., query]``, from its output ``p`` and the gradient autograd computed at its
+    input ``s`` (``p_j (g_j - <p, g>)``). The scores are not needed, so none is kept for the
+    backward: inside a row ``s_j = log p_j + c``, and ``sum_j dy/ds_j`` is 0 for a plain softmax,
+    so ``R_in = sum_j dy/ds_j log p_j`` (a masked key has ``p = 0`` and a gradient of exactly 0:
+    it contributes 0). Where a learned sink logit joins the softmax (GPT-OSS), ``c = sink_logit -
+    log p_sink`` and ``sum_j dy/ds_j = <p, g> p_sink`` do not vanish: ``R_in`` gains ``c sum_j
+    dy/ds_j``; the sink's own share is absorbed, as a bias's is. ``R_out - R_in`` summed over rows
+    is what the softmax rule absorbs."""
+    r_in = torch.special.xlogy(score_grad, pattern).sum(-1)
+    if sink_logit is not None:
+        p_sink = (1 - pattern.sum(-1).to(score_grad.dtype)).clamp(min=torch.finfo(score_grad.dtype).tiny)
+        r_in = r_in + (sink_logit - torch.log(p_sink)) * score_grad.sum(-1)
+    return r_in
 
 
 def linear_gamma_relevance(x: Tensor, weight: Tensor, bias: Optional[Tensor], relevance: Tensor,
