@@ -39,8 +39,9 @@ What is measured, for every size and half dtype (bfloat16, float16):
 * Gradient underflow (float16 only): one more row, ``pa_lrp, target x1024``, explains 1024 times
   the target logit and divides the maps back, against the same reference. float16 keeps full
   precision only down to 6.1e-5 (bfloat16 has float32's range), so small gradients lose bits or
-  vanish; scaling the target lifts them, as mixed-precision training scales its loss. Where this
-  row is much closer than ``pa_lrp``'s, underflow is what the float16 error is made of.
+  vanish; scaling lifts them, as mixed-precision training scales its loss. The engine seeds a
+  float16 backward with 2^10 itself (``lens_palrp.precision.FLOAT16_GRADIENT_SCALE``), so this row
+  scales a second time: where it is no closer than ``pa_lrp``'s, the engine's scale suffices.
 * The float16 refusal: a float16 model whose target logit passes float16's 65504 (the target's
   unembedding column set along its input) is explained; the engine raises ``FloatingPointError``
   rather than return a map, and its message is printed and written into the report.
@@ -333,9 +334,10 @@ def reading(rows: List[dict], env: dict) -> List[str]:
             fixed = {k: max(a[k]["worst"] for a in scaled) for k in MAPS}
             cause = ("most of float16's error is gradients underflowing below its smallest normal number "
                      "(6.1e-5), where they keep only a few bits or flush to zero; bfloat16 has float32's range "
-                     "and no such loss. Mixed-precision training scales its loss for this reason; the engine "
-                     "does not scale the target yet" if fixed["positional"] < 0.5 * worst["positional"] else
-                     "gradient underflow is not the main part of float16's error here")
+                     "and no such loss; a further scale on top of the engine's own 2^10 seed still helps"
+                     if fixed["positional"] < 0.5 * worst["positional"] else
+                     "no closer than without it: the engine's own 2^10 seed of the float16 backward already lifts "
+                     "the gradients out of the subnormals")
             out.append(
                 f"* {dtype}: explaining {TARGET_SCALE:.0f} x the target logit (the maps divided back; the row "
                 f"`{SCALED}`) gives at worst {100 * fixed['semantic']:.2f}% (token map), "
