@@ -431,13 +431,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--note", action="append", default=[], help="a line added to the reading (repeatable)")
     args = parser.parse_args(argv)
 
-    if not speed.family_available(args.family):
-        parser.error(f"--family {args.family}: not available with this TransformerLens")
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = speed.check_run(parser, args.family, args.device, args.threads)
     names = args.sizes.split(",") if args.sizes else (["1b-512", "8b-512"] if device.startswith("cuda")
                                                       else list(CPU_SIZES))
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]

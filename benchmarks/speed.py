@@ -494,6 +494,17 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def check_run(parser, family: str, device: str, threads) -> str:
+    """The family and device exist here (else a usage error); the thread count is applied."""
+    if not family_available(family):
+        parser.error(f"--family {family}: not available with this TransformerLens")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available")
+    if threads:
+        torch.set_num_threads(threads)
+    return device
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=("hooked", "bridge"), default=None,
@@ -514,13 +525,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     import lens_palrp as lp
 
     family = args.family or lp.zoo.default_kind()
-    if not family_available(family):
-        parser.error(f"--family {family}: not available with this TransformerLens")
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = check_run(parser, family, args.device, args.threads)
     dtype = DTYPES[args.dtype]
     if args.quick:
         names = [QUICK] if args.sizes is None else args.sizes.split(",")
