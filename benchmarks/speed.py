@@ -99,6 +99,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from lens_palrp import load_args
+
 warnings.filterwarnings("ignore")
 
 TARGET = 3  # the explained token id (every vocabulary here has it)
@@ -106,8 +108,7 @@ METHODS = ("pa_lrp", "attn_lrp", "grad_x_input")
 BASELINES = {"bridge": ("bridge_plain", "hf_plain"), "hooked": ("tl_plain",)}
 LABELS = {"bridge_plain": "bridge", "hf_plain": "HF", "tl_plain": "TL", "pa_lrp": "pa_lrp",
           "attn_lrp": "attn", "grad_x_input": "gxi"}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {str(dtype).replace("torch.", ""): dtype for dtype in load_args.DTYPES}  # what the loaders take
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,15 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from lens_palrp.precision import RECORD_DTYPES
+
 DeviceLike = Union[str, torch.device, int]
 DtypeLike = Union[str, torch.dtype]
 DeviceMap = Union[str, Dict[str, DeviceLike]]
 
-# the precisions the engine computes in (float8 and integer types hold no model lens_palrp runs)
-DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# the precisions the engine explains models in (lens_palrp.precision: float8 and integer types
+# hold no model lens_palrp runs)
+DTYPES = tuple(RECORD_DTYPES)
 _DTYPE_NAMES: Dict[str, torch.dtype] = {
     "float64": torch.float64, "double": torch.float64, "fp64": torch.float64,
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
