@@ -18,11 +18,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
-from lens_palrp.canonizers import canonized
+from lens_palrp.canonizers import (
+    ATTENTION_MODES, CheckpointBlocks, FusedAttention, canonized, fused_attention_refusal,
+)
+from lens_palrp.canonizers.fused_attention import MATERIALIZED_ROLES
 from lens_palrp.hooks import FAMILY_OPTIONS, family_for, unverified_architectures
 from lens_palrp.roles import HookRole, Role
 from lens_palrp.inputs import HookNames, resolve_hook_names
 from lens_palrp.methods import Method, get_method
+from lens_palrp.observers import observed
 from lens_palrp.devices import Placement, placement_for
 from lens_palrp.positional import PositionalEncoding, encoding_for
 from lens_palrp.precision import Precision, precision_for
@@ -74,6 +78,8 @@ class Sweep:
         self.residual = z(batch, L + 1, n_pos)
         self.softmax_absorbed = z(batch, L)
         self.leaves: Dict[Role, Tensor] = {}
+        self.scores_materialized = True  # False once FusedAttention runs attention without them
+        self.replaying = False  # a block's forward runs once more (CheckpointBlocks)
         self.records: Dict[str, Tensor] = {}
         self.gradients: Dict[str, Tensor] = {}
         self.target_value: Optional[Tensor] = None
@@ -87,6 +93,8 @@ class Sweep:
         self._patterns: Dict[int, Tensor] = {}  # each softmax's output until the backward reaches its input
         self._pattern_shares: Dict[int, float] = {}  # the relevance leaving each softmax, read in finish
         self._z_shares: Dict[int, float] = {}
+        self._site_out: Optional[Tensor] = None  # the hook point being run, and what observes it
+        self._site_callbacks: List[Callable[[Tensor, Tensor], None]] = []
 
     # -- what canonizers and strategies use ------------------------------------------------------
     def capture(self, *roles: Role) -> None:
@@ -114,14 +122,33 @@ class Sweep:
         """Call ``fn(grad)`` when the backward reaches ``tensor`` (if it is in the graph), with the
         gradient in the record dtype, a float16 backward's seed scale divided out
         (``lens_palrp.precision``): whatever ``fn`` multiplies it with is promoted, so every
-        relevance is formed in float32 or better."""
-        if tensor.requires_grad:
+        relevance is formed in float32 or better. Not while a block is recomputed
+        (``replaying``): its tensors are either the recomputation's own, which the backward never
+        visits, or the first forward's (the block's input), whose hooks are attached already."""
+        if tensor.requires_grad and not self.replaying:
             unscale = self.precision.unscale
 
             def hook(grad: Tensor) -> None:
                 fn(unscale(grad))
 
             tensor.register_hook(hook)
+
+    def observe(self, tensor: Tensor, fn: Callable[[Tensor, Tensor], None]) -> None:
+        """Call ``fn(activation, grad)`` when the backward reaches the output of the hook point
+        being run (``tensor``), the gradient as ``on_grad`` gives it. The activation travels as
+        an autograd saved tensor (``lens_palrp.observers``), not in a closure: recomputed with
+        its block under ``checkpoint=True`` instead of kept for every layer."""
+        if tensor is not self._site_out:
+            raise RuntimeError("Sweep.observe takes the output of the hook point being run")
+        if tensor.requires_grad:
+            unscale = self.precision.unscale
+            self._site_callbacks.append(lambda a, g: fn(a, unscale(g)))
+
+    def observed(self, tensor: Tensor, fn: Callable[[Tensor, Tensor], None]) -> Tensor:
+        """``tensor`` (same value) with ``fn(activation, grad)`` called in the backward, for a
+        rewrite's own tensors (a fused kernel's inputs): the caller continues with the result."""
+        unscale = self.precision.unscale
+        return observed(tensor, [lambda a, g: fn(a, unscale(g))])
 
     def accumulate(self, total: Tensor, value: Tensor) -> None:
         """``total += value``, with ``value`` brought to the results' device (``lens_palrp.devices``)."""
@@ -157,10 +184,12 @@ class Sweep:
             if role is not None:
                 out = self.run_site(names, role, act, consumer=target is None)
             else:
-                out = act
-                for alias in names:
-                    self._record(alias, out, 1.0)
-            if target is not None:
+                def attach(out: Tensor) -> None:
+                    for alias in names:
+                        self._record(alias, out, 1.0)
+
+                out = self._observing(act, attach)
+            if target is not None and not self.replaying:
                 self.target_value = self.placement.gather(target.fn(out))
                 raise _StopForward
             return out
@@ -179,37 +208,49 @@ class Sweep:
         for transform in self._transforms.get(role, ()):
             act = transform(site, act)
         out, share = rule.apply(act, site)
-        if self._readers[role]:
-            self._captured[(role, layer)] = [out, self._readers[role]]
         if share is None:  # held constant: no relevance passes, the record holds zeros
             for alias in names:
                 if alias in self.record_names:
-                    self.records[alias] = torch.zeros_like(out.detach(), dtype=self.precision.records)
-            return out
-        self.encoding.at_site(site, out, share)
-        observe = _OBSERVERS.get(role)
-        if observe is not None:
-            observe(self, site, out, share)
-        for alias in names:
-            self._record(alias, out, share)
+                    self.records.setdefault(alias, torch.zeros_like(out.detach(), dtype=self.precision.records))
+        else:
+            def attach(out: Tensor) -> None:
+                self.encoding.at_site(site, out, share)
+                observe = _OBSERVERS.get(role)
+                if observe is not None:
+                    observe(self, site, out, share)
+                for alias in names:
+                    self._record(alias, out, share)
+
+            out = self._observing(out, attach)
+        if self._readers[role]:  # readers use the observed tensor: their gradient is seen too
+            self._captured[(role, layer)] = [out, self._readers[role]]
         return out
+
+    def _observing(self, out: Tensor, attach: Callable[[Tensor], object]) -> Tensor:
+        """Run ``attach(out)``, which registers what observes ``out`` (``observe``), and return
+        ``out`` behind one observer node (one saved tensor per hook point)."""
+        self._site_out, self._site_callbacks = out, []
+        try:
+            attach(out)
+            return observed(out, self._site_callbacks)
+        finally:
+            self._site_out, self._site_callbacks = None, []
 
     # -- per-layer records -----------------------------------------------------------------------
     def _observe_residual(self, site, out, share):
         layer = site.layer
         slot = self.family.n_layers if layer is None else layer  # the final residual has no layer
-        self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.residual[:, slot], (a * g).sum(-1)))
+        self.observe(out, lambda a, g: self.accumulate(self.residual[:, slot], (a * g).sum(-1)))
 
     def _observe_heads(self, site, out, share):
         """Per-head relevance written into the residual stream: ``z * grad`` summed over d_head."""
         layer = site.layer
         self._z_shares[layer] = share
-        self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.heads_by_pos[:, layer],
-                                                                    (a * g).sum(-1).transpose(1, 2)))
+        self.observe(out, lambda a, g: self.accumulate(self.heads_by_pos[:, layer], (a * g).sum(-1).transpose(1, 2)))
 
     def _observe_mlp(self, site, out, share):
         layer = site.layer
-        self.on_grad(out, lambda g, a=out.detach(): self.accumulate(self.mlp[:, layer], (a * g).sum(-1)))
+        self.observe(out, lambda a, g: self.accumulate(self.mlp[:, layer], (a * g).sum(-1)))
 
     def _observe_softmax_output(self, site, out, share):
         """The relevance leaving the softmax, ``sum_j p_j g_j`` (``g``: the gradient the pattern
@@ -223,11 +264,13 @@ class Sweep:
         ``[query, key]``-sized product is formed. Only at an ``at_hook`` target on the pattern
         itself (no z follows) is it formed here."""
         layer = site.layer
-        self._patterns[layer] = out.detach()  # what autograd keeps anyway, for R_in at the scores
         if site.consumer:
             self._pattern_shares[layer] = share
+            # the pattern (which A V keeps for its backward anyway) waits for the scores' gradient
+            self.observe(out, lambda p, g: self._patterns.__setitem__(layer, p))
         else:
-            self.on_grad(out, lambda g, p=out.detach(): self._softmax_output(layer, p, share * g))
+            self.observe(out, lambda p, g: (self._patterns.__setitem__(layer, p),
+                                            self._softmax_output(layer, p, share * g)))
 
     def _softmax_output(self, layer: int, pattern: Tensor, grad: Tensor) -> None:
         self.accumulate(self.softmax_absorbed[:, layer], softmax_output_relevance(pattern, grad).sum((1, 2)))
@@ -253,22 +296,24 @@ class Sweep:
     def _record(self, name: str, out: Tensor, share: float) -> None:
         """``attr.hooks[name]`` (relevance) and ``attr.gradients[name]`` (rule-modified gradient)."""
         fold, dtype = self.fold_record, self.precision.records
+        # setdefault: a block recomputed under checkpoint=True runs its hooks once more
         if name in self.gradient_names:
-            self.gradients[name] = fold(name, torch.zeros_like(out.detach(), dtype=dtype))
+            self.gradients.setdefault(name, fold(name, torch.zeros_like(out.detach(), dtype=dtype)))
 
             def keep_grad(g):
                 self.gradients[name] = self.gradients[name] + fold(name, share * g.detach())
 
             self.on_grad(out, keep_grad)
         if name in self.record_names:
-            self.records[name] = fold(name, torch.zeros_like(out.detach(), dtype=dtype))  # zeros where none arrives
+            self.records.setdefault(name, fold(name, torch.zeros_like(out.detach(), dtype=dtype)))  # zeros where none arrives
 
-            def keep(g, out=out.detach()):
-                rel = share * out * g
+            def keep(a, g):
+                rel = share * a * g
                 rel = torch.where(torch.isfinite(rel), rel, torch.zeros_like(rel))
                 self.records[name] = self.records[name] + fold(name, rel.detach())
 
-            self.on_grad(out, keep)
+            if out.requires_grad:
+                self.observe(out, keep)
 
     # -- after the backward ----------------------------------------------------------------------
     def finish(self) -> None:
@@ -310,6 +355,8 @@ def explain(
     prepend_bos: Optional[bool] = None,
     record_gradients: HookNames = None,
     allow_unverified: bool = False,
+    attention: str = "auto",
+    checkpoint: bool = False,
     **options,
 ) -> Attribution:
     """Explain ``target`` on ``tokens`` with one hooked forward and one relevance sweep.
@@ -343,6 +390,16 @@ def explain(
         allow_unverified: explain a TransformerBridge whose architecture is not among the
             verified ones (``lens_palrp.hooks.transformer_bridge.VERIFIED_ARCHITECTURES``); the
             maps are then unchecked, and a warning says so.
+        attention: ``"auto"`` (default): attention runs through PyTorch's fused kernel wherever
+            the method, the positional encoding, the records and the model allow it (no
+            ``[query, key]`` tensor is formed or kept; ``lens_palrp.canonizers.FusedAttention``),
+            eager otherwise; ``"eager"``: always eager (to record ``hook_pattern`` or
+            ``hook_attn_scores``, say); ``"fused"``: fused, or a ``ValueError`` saying why not.
+            ``attr.computation`` says which ran, and why eager. The maps agree either way.
+        checkpoint: recompute each block's forward during the sweep, as gradient checkpointing
+            does (``lens_palrp.canonizers.CheckpointBlocks``): with fused attention, the memory
+            above the weights is about one block's activations plus the residual stream entering
+            each block, at the cost of a second forward. The maps are unchanged.
         **options: options of the model's family. ``HookedViT``: ``patch_rule``, the rule that
             takes the patch embeddings' relevance to pixels (``attr.pixels``): ``"gamma"``
             (default, as the paper's vision setup) or ``"epsilon"``; ``gamma``, its parameter
@@ -355,11 +412,15 @@ def explain(
     """
     if not isinstance(allow_unverified, bool):  # "no" would be truthy and opt in
         raise TypeError(f"allow_unverified must be True or False, got {allow_unverified!r}")
+    if not isinstance(checkpoint, bool):
+        raise TypeError(f"checkpoint must be True or False, got {checkpoint!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}, got {attention!r}")
     # the sweep needs autograd even when the caller is in no_grad / inference mode
     with torch.inference_mode(False), torch.enable_grad():
         with unverified_architectures(allow_unverified):
             args = (model, tokens, target, method, position, record, attention_mask, prepend_bos,
-                    record_gradients, options)
+                    record_gradients, attention, checkpoint, options)
             try:
                 return _explain(*args)
             except _ScaledBackwardOverflow:  # float16: the seeded backward overflowed; once more unscaled
@@ -393,7 +454,7 @@ class _ScaledBackwardOverflow(Exception):
 
 
 def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-             record_gradients, options, scale_gradients: bool = True) -> Attribution:
+             record_gradients, attention, checkpoint, options, scale_gradients: bool = True) -> Attribution:
     family = family_for(model)
     options = _family_options(family, options)
     m = get_method(method)
@@ -413,31 +474,22 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
 
     sweep = Sweep(family, m, batch, n_pos, precision, placement, prepared.attention_mask, record, hook_target,
                   record_gradients)
-    with model_left_unchanged(model), canonized(family.canonizers(), family, sweep):
+    computation = _computation(family, m, attention, checkpoint,
+                               set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set()))
+    canonizers = list(family.canonizers())
+    if computation["attention"] == "fused":
+        canonizers.append(FusedAttention())
+    if checkpoint:
+        canonizers.append(CheckpointBlocks())
+    with model_left_unchanged(model), canonized(canonizers, family, sweep):
         sweep.start()
         names = set(sweep.roles) | set(record) | set(record_gradients) | (
             {hook_target.hook_name} if hook_target else set())
         fwd_hooks = sweep.hook_fns(names)
-        try:
-            logits = family.forward(prepared.inputs, prepared.attention_mask, fwd_hooks)
-        except _StopForward:
-            logits = None
-        if hook_target is not None:
-            if sweep.target_value is None:
-                raise ValueError(
-                    f"at_hook: hook point {hook_target.hook_name!r} was not reached in the forward pass"
-                )
-            value = sweep.target_value
-        else:
-            value = target_fn(sweep.complete_output(logits))
-        value = _check_target_value(value, batch, precision)
-        if not value.requires_grad:
-            raise ValueError("the target does not depend on the input: nothing to explain")
-        roles_in_graph = list(sweep.leaves)
-        seed = torch.full((), precision.gradient_scale, dtype=value.dtype, device=value.device)
-        grads = torch.autograd.grad(value.sum(), [sweep.leaves[r] for r in roles_in_graph], seed, allow_unused=True)
-        if all(g is None for g in grads):  # it requires grad only through tensors of its own
-            raise ValueError("the target does not depend on the input: nothing to explain")
+        # attached until the backward is done: a recomputed block (checkpoint=True) runs them again
+        with family.hooks_attached(fwd_hooks):
+            value, grads, roles_in_graph = _forward_backward(family, sweep, prepared, target_fn, hook_target, batch,
+                                                             precision)
         sweep.finish()
     sink_relevance = {  # relevance of each input sink: embedding x gradient (Eq. 5, epsilon = 0)
         r: precision.relevance(sweep.leaves[r].detach(), torch.zeros_like(sweep.leaves[r]) if g is None else g)
@@ -445,11 +497,51 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     }
     try:
         attr = _assemble(sweep, prepared, precision.upcast(value.detach()), sink_relevance)
+        attr.computation = computation
     except FloatingPointError as err:
         if precision.gradient_scale != 1.0:
             raise _ScaledBackwardOverflow from err
         raise
     return family.finish(attr, prepared, sink_relevance, options)
+
+
+def _forward_backward(family, sweep: Sweep, prepared, target_fn, hook_target, batch: int, precision: Precision):
+    """The hooked forward, the target's value and the backward to the input sinks."""
+    try:
+        logits = family.forward(prepared.inputs, prepared.attention_mask, ())
+    except _StopForward:
+        logits = None
+    if hook_target is not None:
+        if sweep.target_value is None:
+            raise ValueError(
+                f"at_hook: hook point {hook_target.hook_name!r} was not reached in the forward pass"
+            )
+        value = sweep.target_value
+    else:
+        value = target_fn(sweep.complete_output(logits))
+    value = _check_target_value(value, batch, precision)
+    if not value.requires_grad:
+        raise ValueError("the target does not depend on the input: nothing to explain")
+    roles_in_graph = list(sweep.leaves)
+    seed = torch.full((), precision.gradient_scale, dtype=value.dtype, device=value.device)
+    grads = torch.autograd.grad(value.sum(), [sweep.leaves[r] for r in roles_in_graph], seed, allow_unused=True)
+    if all(g is None for g in grads):  # it requires grad only through tensors of its own
+        raise ValueError("the target does not depend on the input: nothing to explain")
+    return value, grads, roles_in_graph
+
+
+def _computation(family, method: Method, attention: str, checkpoint: bool, named) -> Dict[str, object]:
+    """How the sweep runs: ``{"attention": "fused" | "eager", "eager_reason": why eager (None
+    when fused), "checkpoint": bool}``; ``attention="fused"`` that cannot be is a ValueError."""
+    if attention == "eager":
+        reason: Optional[str] = "attention='eager' was asked for"
+    else:
+        materialized = {name for name, hr in family.hook_roles().items() if hr.role in MATERIALIZED_ROLES}
+        materialized = {n for n in named if n in materialized or n.endswith(("hook_attn_scores", "hook_pattern"))}
+        reason = fused_attention_refusal(family, method, encoding_for(family.pe_type), materialized)
+        if reason is not None and attention == "fused":
+            raise ValueError(f"attention='fused' is not possible here: {reason}. Use attention='auto' or 'eager'")
+    return {"attention": "eager" if reason else "fused", "eager_reason": reason, "checkpoint": checkpoint}
 
 
 def _check_target_value(value, batch: int, precision: Precision) -> Tensor:

@@ -268,6 +268,8 @@ class Attribution:
     # BERT-style token-type (segment) embedding: a third input sink, neither token nor position
     token_type: Optional[Tensor] = _spec(TENSOR, "batch pos", finite=True, default=None)
     model_name: str = _spec(VALUE, default="")
+    # how the sweep ran: {"attention": "fused" | "eager", "eager_reason": str | None, "checkpoint": bool}
+    computation: Optional[Dict[str, object]] = _spec(VALUE, default=None)
     metadata: Dict[str, object] = _spec(FILE, default_factory=dict)  # versions etc. of a loaded file
     # vision transformers: pixel relevance [batch, H, W] (patch rule on the patch embedding) and
     # the grid facts {"grid", "patch_size", "n_prefix", "image_size", "patch_rule", "gamma"}

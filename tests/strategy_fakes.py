@@ -13,8 +13,10 @@ from lens_palrp.roles import Role
 
 
 class FakeSweep:
-    def __init__(self, family, batch, n_pos, method="pa_lrp", kv_grouped=False, attention_mask=None):
+    def __init__(self, family, batch, n_pos, method="pa_lrp", kv_grouped=False, attention_mask=None,
+                 scores_materialized=True):
         self.family = family
+        self.scores_materialized = scores_materialized
         self.method = get_method(method)
         self.n_pos, self.attention_mask, self.kv_grouped = n_pos, attention_mask, kv_grouped
         self.positional = torch.zeros(batch, family.n_layers, family.n_heads, n_pos, dtype=torch.float64)
@@ -24,6 +26,10 @@ class FakeSweep:
     def on_grad(self, tensor, fn):
         if tensor.requires_grad:
             tensor.register_hook(lambda g: fn(g))
+
+    def observe(self, tensor, fn):  # the engine keeps the activation as a saved tensor instead
+        if tensor.requires_grad:
+            tensor.register_hook(lambda g, a=tensor.detach(): fn(a, g))
 
     def accumulate(self, total, value):
         total.add_(value)

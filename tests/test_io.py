@@ -316,7 +316,7 @@ def test_version_1_file_equals_a_fresh_computation(name):
         elif spec.kind == REDUCTIONS:
             for rspec in REDUCTION_FIELDS:
                 torch.testing.assert_close(getattr(y, rspec.name), getattr(x, rspec.name), **tight, msg=rspec.name)
-        elif spec.name != "metadata":
+        elif spec.name not in ("metadata", "computation"):  # format 1 predates attr.computation
             assert x == y, spec.name
 
 

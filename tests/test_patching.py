@@ -100,7 +100,11 @@ def test_gradient_estimate_is_attribution_patching(setup):
         metric(model(corr)).sum().backward()
     expected = torch.stack([((clean_cache[n] - acts[n].detach()) * acts[n].grad).sum((0, 1, 3)) for n in names])
     model.zero_grad(set_to_none=True)
-    torch.testing.assert_close(rp.scores_heads["grad"], expected, rtol=1e-8, atol=1e-10)
+    # a bridge's own eager softmax runs in float32 even in a float64 model; the sweep's fused
+    # attention runs in the model's dtype: the two gradients agree to float32 rounding there
+    tight = not lp.hooks.transformer_bridge.is_transformer_bridge(model)
+    torch.testing.assert_close(rp.scores_heads["grad"], expected, rtol=1e-8 if tight else 1e-5,
+                               atol=1e-10 if tight else 1e-6 * float(expected.abs().max()))
     assert not torch.allclose(rp.scores_heads["pa_lrp"], expected)  # the rules change the gradient
     assert all(not math.isnan(v) for v in rp.correlations["pa_lrp"].values())
 

@@ -10,7 +10,9 @@ fold records back to the model's own layout, or put an equivalent subgraph into 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, List, Sequence, Tuple
+
+import torch
 
 
 class Canonizer:
@@ -21,6 +23,28 @@ class Canonizer:
     def remove(self) -> None:
         """Undo what ``register`` did to the model."""
         raise NotImplementedError
+
+
+class ForwardSwap:
+    """Modules whose ``forward`` is replaced on the instance (the class is untouched), and put
+    back: the module's own instance attribute, if it had one, or none."""
+
+    _NONE = object()
+
+    def __init__(self):
+        self._swapped: List[Tuple[torch.nn.Module, object]] = []
+
+    def replace(self, module: torch.nn.Module, forward: Callable) -> None:
+        self._swapped.append((module, module.__dict__.get("forward", self._NONE)))
+        module.__dict__["forward"] = forward  # not setattr: a bridge component forwards attributes
+
+    def restore(self) -> None:
+        for module, previous in reversed(self._swapped):
+            if previous is self._NONE:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self._swapped = []
 
 
 @contextmanager

@@ -111,6 +111,10 @@ class ModelFamily(abc.ABC):
     def forward(self, inputs: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
         """One forward with ``fwd_hooks`` ``[(name, fn)]`` attached and removed again."""
 
+    def block_module(self, layer: int) -> Any:
+        """Block ``layer`` as a module whose forward can be recomputed (``checkpoint=True``)."""
+        return self.model.blocks[layer]
+
     def canonizers(self) -> Sequence[Any]:
         """The rewrites (``lens_palrp.canonizers``) this model needs for the rules; none by default."""
         return ()

@@ -22,6 +22,8 @@ from __future__ import annotations
 import abc
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
@@ -33,6 +35,9 @@ try:  # TransformerLens 3.x; 4.x removed HookedTransformer
     from transformer_lens import HookedTransformer
 except ImportError:  # pragma: no cover - depends on the installed TransformerLens
     HookedTransformer = None  # type: ignore[assignment,misc]
+
+
+_OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 def _softcap_on(cap) -> bool:
@@ -217,6 +222,57 @@ class HookedTransformerFamily(TransformerLensFamily):
     def canonizers(self):
         """Grouped-query attention is ungrouped for the sweep: every query head owns its key copy."""
         return [UngroupKeyValueHeads()] if self.n_kv_heads is not None else []
+
+    # ------------------------------------------------------------------ fused attention
+    def attention_module(self, layer: int):
+        return self.model.blocks[layer].attn
+
+    def fused_attention_refusal(self) -> Optional[str]:
+        """What of this config the fused forward does not reproduce, or None."""
+        cfg = self.cfg
+        reasons = {
+            "attention sinks (use_attention_sinks)": bool(getattr(cfg, "use_attention_sinks", False)),
+            "use_attn_result (per-head results)": bool(cfg.use_attn_result),
+            "use_logn_attn": bool(getattr(cfg, "use_logn_attn", False)),
+            "OLMo's q/k norms on the flattened heads": cfg.original_architecture in _OLMO_QK_NORM,
+            "an attention softcap": self.attn_softcap is not None,
+        }
+        hit = [name for name, on in reasons.items() if on]
+        return f"the fused forward does not cover {', '.join(hit)}" if hit else None
+
+    def fused_attention_forward(self, layer: int, kernel) -> Callable:
+        """The attention forward of TransformerLens' ``AbstractAttention`` (no cache), with the
+        same hook points up to ``hook_rot_q`` / ``hook_rot_k`` / ``hook_v`` and from ``hook_z``
+        on, and ``kernel`` (``FusedAttention.kernel``) in place of scores, mask, softmax and
+        pattern: ``hook_attn_scores`` and ``hook_pattern`` do not fire."""
+        attn, cfg = self.model.blocks[layer].attn, self.cfg
+
+        def forward(query_input, key_input, value_input, past_kv_cache_entry=None,
+                    additive_attention_mask=None, attention_mask=None, position_bias=None):
+            if past_kv_cache_entry is not None or position_bias is not None:
+                raise NotImplementedError("fused attention runs without a kv cache or a position bias")
+            q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+            if cfg.positional_embedding_type == "rotary":
+                q = attn.hook_rot_q(attn.apply_rotary(q, 0, attention_mask))
+                k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+            causal = (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
+            n = q.shape[1]
+            mask = None
+            if attn.attn_type == "local" or attention_mask is not None:
+                mask = attn._make_causal_mask(n, n, 0, q.device) if causal else torch.ones(
+                    1, 1, n, n, dtype=torch.bool, device=q.device)
+                if attention_mask is not None:
+                    mask = mask & attention_mask.bool().to(q.device)[:, None, None, :]
+            if additive_attention_mask is not None:  # HookedEncoder's [batch, 1, 1, key] pad mask
+                additive = additive_attention_mask.to(device=q.device, dtype=q.dtype)
+                mask = additive if mask is None else additive.masked_fill(~mask, float("-inf"))
+            z = kernel(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn.attn_scale,
+                       causal, mask)
+            z = attn.hook_z(z.transpose(1, 2).to(v.dtype))
+            w = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.to(z.device)  # [d_model, heads * d_head]
+            return F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, attn.b_O.to(z.device))
+
+        return forward
 
     def rotary_tables(self, layer: int, n_pos: int, attention_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """cos and sin ``[batch or 1, pos, 1, rotary_dim]`` exactly as the forward used them."""

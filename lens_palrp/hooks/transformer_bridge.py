@@ -87,6 +87,29 @@ def is_transformer_bridge(model) -> bool:
     return TransformerBridge is not None and isinstance(model, TransformerBridge)
 
 
+def _rotary_fraction(cfg) -> float:
+    try:
+        from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+    except ImportError:  # pragma: no cover - older TransformerLens
+        return float(getattr(cfg, "rotary_pct", 1.0) or 1.0)
+    return float(get_rotary_pct_from_config(cfg))
+
+
+def _rotate(attn, q: Tensor, k: Tensor, position_embeddings, head_dim: int, cfg):
+    """RoPE as ``PositionEmbeddingsAttentionBridge`` applies it (rotate-half; full or partial)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim * 2 == head_dim and _rotary_fraction(cfg) == 1.0:
+        raise NotImplementedError("fused attention: half-width RoPE tables (GPT-OSS) are not covered; "
+                                  "use attention='eager'")
+    if rotary_dim < head_dim:
+        q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+        return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
 class TransformerBridgeFamily(TransformerLensFamily):
     """Adapter between the engine and one ``TransformerBridge`` (decoders and BERT encoders).
 
@@ -110,6 +133,109 @@ class TransformerBridgeFamily(TransformerLensFamily):
 
     def canonizers(self):
         return [RebuildAttention()] if self.pattern_observed_only else []
+
+    # ------------------------------------------------------------------ fused attention
+    def attention_module(self, layer: int):
+        return self.model.blocks[layer].attn
+
+    def fused_attention_refusal(self) -> Optional[str]:
+        """What of this bridge the fused forward does not reproduce, or None. It reproduces the
+        plain path of ``PositionEmbeddingsAttentionBridge.forward`` (Llama, Mistral, Qwen2,
+        Gemma, OLMo-2 without q/k norms...): projections, RoPE (full or partial, rotate-half),
+        grouped kv heads, Hugging Face's mask, the output projection."""
+        try:
+            from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+                PositionEmbeddingsAttentionBridge as Plain,
+            )
+        except ImportError:  # pragma: no cover - older TransformerLens
+            return "this TransformerLens has no PositionEmbeddingsAttentionBridge"
+        attns = [self.model.blocks[layer].attn for layer in range(self.n_layers)]
+        kinds = sorted({type(a).__name__ for a in attns if type(a) is not Plain})
+        if kinds:
+            return f"the fused forward covers PositionEmbeddingsAttentionBridge, not {', '.join(kinds)}"
+        cfg = self.cfg
+        hf_cfg = getattr(attns[0].original_component, "config", None)
+        rope = getattr(hf_cfg, "rope_parameters", None)
+        reasons = {
+            "split q/k/v inputs (use_split_qkv_input / use_attn_in)": bool(
+                getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)),
+            "use_attn_result": bool(getattr(cfg, "use_attn_result", False)),
+            "a gated q projection": bool(getattr(cfg, "gated_q_proj", False)),
+            "interleaved or adjacent-pair RoPE": bool(getattr(cfg, "rotary_interleaved_cos_sin", False)
+                                                      or getattr(cfg, "rotary_adjacent_pairs", False)),
+            "q/k norms": any("q_norm" in a.submodules or "k_norm" in a.submodules for a in attns),
+            "an attention gate": any(a._modules.get("gate") is not None for a in attns),
+            "a key multiplier": any(getattr(a.original_component, "key_multiplier", None) is not None for a in attns),
+            "clip_qkv": getattr(hf_cfg, "clip_qkv", None) is not None,
+            "an attention softcap": any(getattr(a.original_component, "attn_logit_softcapping", None) is not None
+                                        for a in attns),
+            "attention sinks": any(getattr(a.original_component, "sinks", None) is not None for a in attns),
+            "Llama-4 query scaling": isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None,
+            "a layer before the output projection": any(
+                type(a)._pre_output_projection is not Plain._pre_output_projection for a in attns),
+        }
+        hit = [name for name, on in reasons.items() if on]
+        return f"the fused forward does not cover {', '.join(hit)}" if hit else None
+
+    def fused_attention_forward(self, layer: int, kernel) -> Callable:
+        """``PositionEmbeddingsAttentionBridge.forward``'s plain path (the same hook points up to
+        ``hook_rot_q`` / ``hook_rot_k`` / ``hook_v`` and from ``hook_z`` on), ``kernel``
+        (``FusedAttention.kernel``) in place of scores, mask, softmax and pattern. Hugging Face's
+        mask is used as the eager path uses it: a 4-d mask as given (it holds the causal and any
+        sliding-window structure), none as causal."""
+        attn = self.model.blocks[layer].attn
+        hf_attn = attn.original_component
+        rotary = self.pe_type == "rotary"
+
+        def forward(*args, **kwargs):
+            if "hidden_states" in kwargs:
+                hidden = kwargs.pop("hidden_states")
+            else:
+                hidden, args = args[0], args[1:]
+            position_embeddings = kwargs.pop("position_embeddings", None)
+            mask = kwargs.pop("attention_mask", None)
+            hidden = attn.hook_in(hidden)
+            shape, head_dim = hidden.shape[:-1], hf_attn.head_dim
+            q, k, v = (proj(hidden).view(*shape, -1, head_dim).transpose(1, 2) for proj in (attn.q, attn.k, attn.v))
+            if position_embeddings is not None:
+                q, k = _rotate(attn, q, k, position_embeddings, head_dim, self.cfg)
+            elif rotary and not attn.rope_optional:
+                raise NotImplementedError(f"layer {layer}: no RoPE tables reached the attention")
+            q = attn.hook_rot_q(q) if hasattr(attn, "hook_rot_q") else q
+            k = attn.hook_rot_k(k) if hasattr(attn, "hook_rot_k") else k
+            k, v = attn._update_kv_cache(k, v, **kwargs)
+            n_q, n_k = q.shape[-2], k.shape[-2]
+            causal = attn.is_causal and not attn.is_cross_attention
+            if mask is not None:
+                if mask.ndim < 4:
+                    raise NotImplementedError("fused attention takes Hugging Face's 4-d masks only")
+                mask, causal = mask[..., -n_q:, :n_k], False  # the 4-d mask is authoritative, as in eager
+            scaling = getattr(hf_attn, "scaling", head_dim ** -0.5)
+            z = kernel(layer, q, k, v, 1.0 / scaling, causal, mask, zero_empty_rows=attn.compatibility_mode)
+            out = z.transpose(1, 2).contiguous().reshape(*shape, -1)
+            out = attn._pre_output_projection(out)
+            weight = getattr(getattr(attn.o, "original_component", None), "weight", None)
+            if isinstance(weight, Tensor) and weight.dtype.is_floating_point and out.dtype != weight.dtype:
+                out = out.to(weight.dtype)
+            return attn.hook_out(attn.o(out)), None  # no pattern exists
+
+        return forward
+
+    @contextmanager
+    def fused_attention_masks(self):
+        """Hugging Face builds the mask for its ``sdpa`` attention while the fused forward runs:
+        none at all without padding (causal), a boolean one with it, instead of the eager
+        additive ``[batch, 1, query, key]`` float mask (quadratic memory before any attention)."""
+        config = getattr(getattr(self.model, "original_model", None), "config", None)
+        previous = getattr(config, "_attn_implementation", None)
+        if config is None or previous in (None, "sdpa"):
+            yield
+            return
+        config._attn_implementation = "sdpa"
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
     def check_supported(self) -> None:
         cfg = self.cfg
@@ -251,9 +377,17 @@ class TransformerBridgeFamily(TransformerLensFamily):
                 return 1.0 / float(scaling)
         return float(self.d_head) ** 0.5
 
-    def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
+    @contextmanager
+    def hooks_attached(self, fwd_hooks):
         with warnings.catch_warnings():
             # TransformerLens 4 warns when a hook edits hook_scale: detaching it is the rule
             warnings.filterwarnings("ignore", message=".*edited hook_scale/hook_normalized.*")
-            with self.hooks_attached(fwd_hooks):
-                return self.model(tokens, attention_mask=attention_mask)
+            with super().hooks_attached(fwd_hooks):
+                yield
+
+    def forward(self, tokens: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
+        # no kv cache: nothing reads it, it costs memory, and a block recomputed under
+        # checkpoint=True would append its keys to it a second time
+        kwargs = {} if self.encoder else {"use_cache": False}
+        with self.hooks_attached(fwd_hooks):
+            return self.model(tokens, attention_mask=attention_mask, **kwargs)

@@ -15,6 +15,7 @@ from lens_palrp.rules.functional import alibi_position_relevance
 @register_encoding("alibi")
 class Alibi(PositionalEncoding):
     needs_score_gradient = True
+    eager_attention_reason = "ALiBi's positional sink is its bias times the score gradient, per query and key"
 
     def at_scores(self, layer: int, score_gradient: Tensor) -> None:
         bias = self.family.alibi_bias(layer, self.sweep.n_pos).to(score_gradient.dtype)

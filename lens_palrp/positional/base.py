@@ -24,12 +24,17 @@ class PositionalEncoding:
 
     ``sweep`` gives: ``family``, ``method``, ``positional`` (the ``[batch, layers, heads, pos]``
     accumulator of attention-level sinks), ``leaves`` (the input sinks by role), ``n_pos``,
-    ``attention_mask``, ``kv_grouped``, ``on_grad(tensor, fn)`` (``fn`` gets the gradient in the
-    record dtype, float32 or better), ``accumulate(total, value)`` (adds across devices) and
-    ``take(role, layer)``.
+    ``attention_mask``, ``kv_grouped``, ``scores_materialized`` (False under fused attention:
+    no score or pattern tensor exists), ``on_grad(tensor, fn)`` (``fn`` gets the gradient in the
+    record dtype, float32 or better), ``observe(out, fn)`` (``fn(activation, gradient)`` for the
+    hook point being run, the activation kept as autograd keeps it), ``accumulate(total, value)``
+    (adds across devices) and ``take(role, layer)``.
     """
 
     needs_score_gradient = False  # ask the softmax observer for dL/dscores
+    # why this encoding's sink needs the scores themselves, so that no fused kernel can serve it
+    eager_attention_reason: Optional[str] = None
+    keys_per_query_head = False  # a fused kernel reports each query head's key gradient (at_key_gradient)
 
     def __init__(self, sweep):
         self.sweep = sweep
@@ -44,6 +49,10 @@ class PositionalEncoding:
 
     def at_scores(self, layer: int, score_gradient: Tensor) -> None:
         """Called with ``dL/dscores`` ``[batch, heads, query, key]`` where the softmax is reached."""
+
+    def at_key_gradient(self, layer: int, key: Tensor, grad: Tensor) -> None:
+        """Under fused attention, where ``keys_per_query_head``: the key as each query head reads it
+        (shared kv heads repeated) and that head's gradient of it, ``[batch, pos, heads, d_head]``."""
 
     def input_sums(self, sink_relevance: Dict[Role, Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
         """``(signed, positive part)`` sums over channels ``[batch, pos]`` of the input table's

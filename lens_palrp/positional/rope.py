@@ -28,8 +28,10 @@ class Rotary(PositionalEncoding):
         self.tables: Dict[int, Tuple[Tensor, Tensor]] = {}  # cos, sin as the forward used them
         self._observed_cos: Dict[int, Tensor] = {}
         self.key_rule = sweep.method.rule(Role.ROT_K)
-        # keys read by several query heads: the key side goes through the score gradients
-        self.keys_through_scores = sweep.kv_grouped and self.key_rule.splits_rotation
+        # keys read by several query heads: the key side is credited per query head, from the
+        # score gradients (eager attention) or from a fused kernel's per-head key gradient
+        self.keys_per_query_head = sweep.kv_grouped and self.key_rule.splits_rotation
+        self.keys_through_scores = self.keys_per_query_head and sweep.scores_materialized
         self.needs_score_gradient = self.keys_through_scores
 
     def reads(self) -> Tuple[Role, ...]:
@@ -42,10 +44,10 @@ class Rotary(PositionalEncoding):
         elif role is Role.ROPE_SIN:
             self.tables[layer] = (self._observed_cos.pop(layer), out.detach()[:, :, None, :])
         elif role in (Role.ROT_Q, Role.ROT_K) and site.rule.splits_rotation:
-            if self.keys_through_scores and role is Role.ROT_K and site.consumer:
-                return  # credited per query head in at_scores
+            if self.keys_per_query_head and role is Role.ROT_K and site.consumer:
+                return  # credited per query head in at_scores / at_key_gradient
             kept = site.rule.rotation_share
-            self.sweep.on_grad(out, lambda g, y=out.detach(): self._sink(layer, y, share * g, kept))
+            self.sweep.observe(out, lambda y, g: self._sink(layer, y, share * g, kept))
 
     def at_scores(self, layer: int, score_gradient: Tensor) -> None:
         """Query head ``h`` reads its kv head's rotated key through its own scores, so its share of
@@ -55,7 +57,10 @@ class Rotary(PositionalEncoding):
         k = self.sweep.take(Role.ROT_K, layer).detach().to(dtype)  # [batch, pos, kv_heads, d_head]
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         key_grad = torch.einsum("bhqk,bqhd->bkhd", score_gradient, q) / self.family.attn_scale(layer)
-        self._sink(layer, k, self.key_rule.share * key_grad, self.key_rule.rotation_share)
+        self.at_key_gradient(layer, k, key_grad)
+
+    def at_key_gradient(self, layer: int, key: Tensor, grad: Tensor) -> None:
+        self._sink(layer, key, self.key_rule.share * grad, self.key_rule.rotation_share)
 
     def _sink(self, layer: int, rotated: Tensor, grad: Tensor, kept: float) -> None:
         """What the rotation keeps of ``R(y) = y * grad`` on the rotated channels, per head, and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ class IdentitySoftcap(Rule):
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(site.layer)
         capped = fam.attn_softcap * torch.tanh(raw.detach() / fam.attn_softcap)
         return linearized(act, [raw], [identity_rule_ratio(raw.detach(), capped)]), 1.0
+
+    def gradient_factor(self, family) -> Optional[float]:
+        return 1.0 if family.attn_softcap is None else None  # a capped score is no constant factor
 
 
 class IdentityOutputSoftcap(Rule):

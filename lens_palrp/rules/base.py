@@ -50,6 +50,15 @@ class Rule:
     def apply(self, act: Tensor, site: Site) -> Applied:
         return act, 1.0
 
+    def gradient_factor(self, family: "ModelFamily") -> Optional[float]:
+        """The rule as one constant factor on the gradient through its node, where it is one
+        (0: the node held constant); None where it is not. A fused attention kernel has no
+        score or pattern tensor to install a rule on, so it applies those rules as factors on
+        the gradients of q and k instead (``lens_palrp.canonizers.FusedAttention``); a rule
+        that is no constant factor keeps the sweep on eager attention. A subclass that
+        overrides ``apply`` is None unless it says otherwise."""
+        return 1.0 if type(self).apply is Rule.apply else None
+
     def complete(self, raw: Tensor, value: Tensor) -> Tensor:
         """For a rule whose node has no hook after it (the output softcap): the node's output
         ``value`` computed by the model from ``raw``, with the rule installed. Plain: unchanged."""
@@ -85,3 +94,6 @@ class ConstantScale(Rule):
 
     def apply(self, act: Tensor, site: Site) -> Applied:
         return act.detach(), None
+
+    def gradient_factor(self, family: "ModelFamily") -> Optional[float]:
+        return None  # a norm's scale is no factor of an attention score

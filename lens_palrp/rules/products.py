@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +24,9 @@ class UniformShare(Rule):
         share = self.share if site.consumer else 1.0
         return scale_grad(act, share), share
 
+    def gradient_factor(self, family) -> Optional[float]:
+        return self.share
+
 
 class HeldConstant(Rule):
     """A factor treated as a constant (CP-LRP's attention pattern): the other factor receives all
@@ -33,6 +36,9 @@ class HeldConstant(Rule):
         if not site.consumer:
             return act, 1.0
         return act.detach(), None
+
+    def gradient_factor(self, family) -> Optional[float]:
+        return 0.0
 
 
 class RotatedShare(UniformShare):
@@ -52,6 +58,9 @@ class RotatedShare(UniformShare):
         factor = torch.full((act.shape[-1],), share, dtype=act.dtype, device=act.device)
         factor[: site.family.rotary_dim] *= 1 - self.rotation_share
         return scale_grad(act, factor), share
+
+    def gradient_factor(self, family) -> Optional[float]:
+        return None  # per channel, not one factor
 
 
 class GatedShares(Rule):
