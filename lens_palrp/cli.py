@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--allow-unverified", action="store_true",
                     help="explain a TransformerBridge of an architecture lens_palrp has not verified "
                     "(its maps are unchecked; a warning says so)")
+    ex.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto",
+                    help="attention through the fused kernel where possible (auto, default), always, or eager")
+    ex.add_argument("--checkpoint", action="store_true",
+                    help="recompute each block during the sweep: memory of one block, one more forward")
     ex.add_argument("--out", default="lens_palrp_report.html", help="where to write the HTML report")
     sub.add_parser("zoo", help="list the shipped models")
     return parser
@@ -160,7 +164,8 @@ def explain_command(args) -> int:
     if args.wrong is not None:
         target = (target, _token(args.wrong))
     attr = lp.explain(model, args.prompt, target, method=args.method, position=args.position,
-                      allow_unverified=args.allow_unverified)
+                      allow_unverified=args.allow_unverified, attention=args.attention,
+                      checkpoint=args.checkpoint)
     c = attr.conservation()
     value = float(attr.target_value[0])
     what = f"logit({args.target!r})" + (f" - logit({args.wrong!r})" if args.wrong else "")

@@ -21,7 +21,7 @@ def run(*args):
 def test_help_documents_every_option():
     out = run("explain", "--help").stdout
     for option in ("--model", "--prompt", "--target", "--wrong", "--position", "--method",
-                   "--aggregation", "--loader", "--top", "--out"):
+                   "--aggregation", "--loader", "--top", "--attention", "--checkpoint", "--out"):
         assert option in out, option
     assert "explain" in run("--help").stdout
 
@@ -40,6 +40,10 @@ def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
     by_id = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "12",
                 "--wrong", "b", "--out", str(tmp_path / "b.html"))
     assert by_id.returncode == 0 and "logit('12') - logit('b')" in by_id.stdout
+    eager = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "k",
+                "--attention", "eager", "--checkpoint", "--aggregation", "abs", "--out", str(tmp_path / "e.html"))
+    assert eager.returncode == 0, eager.stderr
+    assert eager.stdout.splitlines()[:4] == r.stdout.splitlines()[:4]  # same map, printed alike
 
 
 @needs_zoo
