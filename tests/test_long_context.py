@@ -8,6 +8,8 @@ it was, also when the sweep fails.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -156,3 +158,55 @@ def test_rewrites_are_removed_also_when_the_sweep_fails():
     assert swapped_forwards(model) == []
     _, cache = model.run_with_cache(tokens)  # eager attention again: the pattern exists
     assert cache["pattern", 0].shape == (1, 4, 6, 6)
+
+
+# ------------------------------------------------------------------------ each rewrite alone
+def _bare_sweep(model):
+    """What the two rewrites read of a sweep, for plain gradient x input (no rules anywhere)."""
+    from lens_palrp.hooks import family_for
+    from lens_palrp.methods import get_method
+
+    family = family_for(model)
+    encoding = SimpleNamespace(keys_per_query_head=False)
+    sweep = SimpleNamespace(
+        method=get_method("grad_x_input"), roles=dict(family.hook_roles()), encoding=encoding,
+        scores_materialized=True, replaying=False, _pattern_shares={},
+        softmax_absorbed=torch.zeros(2, family.n_layers, dtype=torch.float64),
+        accumulate=lambda total, value: total.add_(value),
+        observed=lambda tensor, fn: tensor,
+    )
+    return family, sweep
+
+
+def _logits_and_input_gradient(model, tokens):
+    embed = model.embed(tokens).detach().requires_grad_(True)
+    with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook: embed)]):
+        logits = model(tokens)
+    (grad,) = torch.autograd.grad(logits[:, -1, 3].sum(), embed)
+    return logits.detach(), grad
+
+
+@pytest.mark.parametrize("rewrite", ["fused", "checkpoint"])
+def test_each_rewrite_alone_computes_the_models_function(rewrite):
+    """Registered on a model without any rule, each rewrite leaves the logits and the input
+    gradient as they were; fused attention runs no hook_pattern, and remove() brings it back."""
+    from lens_palrp.canonizers import CheckpointBlocks, FusedAttention, canonized
+
+    model = make_model("llama_like")
+    tokens, mask = pad([torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12, 13])], "left")
+    logits, grad = _logits_and_input_gradient(model, tokens)
+    family, sweep = _bare_sweep(model)
+    fired = []
+    hook = ("blocks.0.attn.hook_pattern", lambda act, hook: fired.append(1))
+    with canonized([FusedAttention() if rewrite == "fused" else CheckpointBlocks()], family, sweep):
+        assert swapped_forwards(model)
+        with model.hooks(fwd_hooks=[hook]):
+            logits_rw, grad_rw = _logits_and_input_gradient(model, tokens)
+    torch.testing.assert_close(logits_rw, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_rw, grad, rtol=1e-10, atol=1e-12)
+    assert fired == ([] if rewrite == "fused" else [1, 1])  # checkpoint: the forward and its recomputation
+    assert swapped_forwards(model) == []
+    assert sweep.scores_materialized is (rewrite != "fused")
+    with model.hooks(fwd_hooks=[hook]):
+        model(tokens)
+    assert fired[-1:] == [1]
