@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.canonizers import (
-    ATTENTION_MODES, CheckpointBlocks, FusedAttention, canonized, fused_attention_refusal,
+    ATTENTION_MODES, CheckpointBlocks, FusedAttention, LogitsAtPositions, canonized, fused_attention_refusal,
 )
 from lens_palrp.canonizers.fused_attention import MATERIALIZED_ROLES
 from lens_palrp.hooks import FAMILY_OPTIONS, family_for, unverified_architectures
@@ -34,7 +34,7 @@ from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_input_relevance, softmax_output_relevance
 from lens_palrp.safety import model_left_unchanged
-from lens_palrp.targets import HookTarget, TargetSpec, resolve_target
+from lens_palrp.targets import HookTarget, LogitTarget, TargetSpec, resolve_target
 
 class _StopForward(Exception):
     """Raised by an ``at_hook`` target once its scalar is computed: nothing above is needed."""
@@ -474,9 +474,13 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
 
     sweep = Sweep(family, m, batch, n_pos, precision, placement, prepared.attention_mask, record, hook_target,
                   record_gradients)
-    computation = _computation(family, m, attention, checkpoint,
-                               set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set()))
+    named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
+    computation = _computation(family, m, attention, checkpoint, named)
     canonizers = list(family.canonizers())
+    if _unembed_explained_positions(family, target_fn, named):
+        canonizers.append(LogitsAtPositions(target_fn.positions))
+        target_fn = target_fn.at_first_position()
+        computation["logits"] = "explained positions"
     if computation["attention"] == "fused":
         canonizers.append(FusedAttention())
     if checkpoint:
@@ -530,9 +534,18 @@ def _forward_backward(family, sweep: Sweep, prepared, target_fn, hook_target, ba
     return value, grads, roles_in_graph
 
 
+def _unembed_explained_positions(family, target_fn, named) -> bool:
+    """Whether the logits are needed at the explained positions only: a logit (difference)
+    target on a model with positions, and no record at the unembedding's own hook points."""
+    if not isinstance(target_fn, LogitTarget) or family.unembed_module() is None:
+        return False
+    return not any(name.startswith("unembed.") for name in named)
+
+
 def _computation(family, method: Method, attention: str, checkpoint: bool, named) -> Dict[str, object]:
     """How the sweep runs: ``{"attention": "fused" | "eager", "eager_reason": why eager (None
-    when fused), "checkpoint": bool}``; ``attention="fused"`` that cannot be is a ValueError."""
+    when fused), "checkpoint": bool, "logits": "all positions"}`` (``"explained positions"`` once
+    ``LogitsAtPositions`` is chosen); ``attention="fused"`` that cannot be is a ValueError."""
     if attention == "eager":
         reason: Optional[str] = "attention='eager' was asked for"
     else:
@@ -541,7 +554,8 @@ def _computation(family, method: Method, attention: str, checkpoint: bool, named
         reason = fused_attention_refusal(family, method, encoding_for(family.pe_type), materialized)
         if reason is not None and attention == "fused":
             raise ValueError(f"attention='fused' is not possible here: {reason}. Use attention='auto' or 'eager'")
-    return {"attention": "eager" if reason else "fused", "eager_reason": reason, "checkpoint": checkpoint}
+    return {"attention": "eager" if reason else "fused", "eager_reason": reason, "checkpoint": checkpoint,
+            "logits": "all positions"}
 
 
 def _check_target_value(value, batch: int, precision: Precision) -> Tensor:

@@ -52,6 +52,11 @@ class LogitTarget:
         self.wrong = wrong
         self.positions = positions
 
+    def at_first_position(self) -> "LogitTarget":
+        """The same target on logits that hold each example's explained position only
+        (``canonizers.LogitsAtPositions``)."""
+        return LogitTarget(self.correct, self.wrong, torch.zeros_like(self.positions))
+
     def __call__(self, logits: Tensor) -> Tensor:
         rows = torch.arange(logits.shape[0], device=logits.device)
         # classifiers (ViT) give [batch, classes]: no position to pick

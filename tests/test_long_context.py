@@ -41,7 +41,7 @@ def test_maps_agree_with_eager_attention(config, method, variant, device):
     assert other.computation["attention"] == ("eager" if variant.startswith("eager") else "fused")
     assert other.computation["checkpoint"] == variant.endswith("checkpoint")
     assert eager.computation == {"attention": "eager", "eager_reason": "attention='eager' was asked for",
-                                 "checkpoint": False}
+                                 "checkpoint": False, "logits": "explained positions"}
     assert_same_maps(other, eager)
 
 
@@ -210,3 +210,31 @@ def test_each_rewrite_alone_computes_the_models_function(rewrite):
     with model.hooks(fwd_hooks=[hook]):
         model(tokens)
     assert fired[-1:] == [1]
+
+
+# ------------------------------------------------------------------------ logits at the explained positions
+@pytest.mark.parametrize("config", ["llama_like", "gemma_like", "gpt2_like"])
+def test_logits_at_the_explained_positions_only(config):
+    """A token or a logit difference reads one position per example: the unembedding gets only
+    those (LogitsAtPositions); a metric may read any position and gets every logit. The maps are
+    the same (gemma_like: the output softcap's identity rule on the narrowed logits)."""
+    model = make_model(config)
+    tokens, mask = pad([torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([11, 12, 13])], "left")
+    shapes = []
+    hook = ("unembed.hook_in", lambda act, hook: shapes.append(tuple(act.shape)))
+
+    def metric(logits, positions):
+        rows = torch.arange(logits.shape[0])
+        return logits[rows, positions, 3] - logits[rows, positions, 4]
+
+    with model.hooks(fwd_hooks=[hook]):
+        narrowed = lp.explain(model, tokens, (3, 4), attention_mask=mask, position=torch.tensor([-1, 1]))
+        full = lp.explain(model, tokens, metric, attention_mask=mask, position=torch.tensor([-1, 1]))
+    assert shapes == [(2, 1, 24), (2, 6, 24)]
+    assert narrowed.computation["logits"] == "explained positions"
+    assert full.computation["logits"] == "all positions"
+    assert_same_maps(narrowed, full)
+    recorded = lp.explain(model, tokens, (3, 4), attention_mask=mask, record=["unembed.hook_in"])
+    assert recorded.computation["logits"] == "all positions"
+    assert recorded.hooks["unembed.hook_in"].shape == (2, 6, 24)
+    assert swapped_forwards(model) == []

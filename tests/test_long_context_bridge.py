@@ -167,3 +167,20 @@ def test_bridge_is_left_as_it_was(llama_bridge):
     lp.explain(llama_bridge, torch.randint(1, 18, (1, 6)), 3, checkpoint=True)
     assert config._attn_implementation == before
     assert swapped_forwards(llama_bridge) == []
+
+
+def test_bridge_logits_at_the_explained_positions(llama_bridge):
+    """The bridge's unembedding (Hugging Face's lm_head inside it) gets each example's explained
+    position only; the maps equal those of a metric that reads the full logits."""
+    tokens = torch.randint(1, 18, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+
+    def metric(logits, positions):
+        return logits[torch.arange(2), positions, 3]
+
+    narrowed = lp.explain(llama_bridge, tokens, 3, attention_mask=mask, checkpoint=True)
+    full = lp.explain(llama_bridge, tokens, metric, attention_mask=mask, checkpoint=True)
+    assert (narrowed.computation["logits"], full.computation["logits"]) == ("explained positions", "all positions")
+    assert_same_maps(narrowed, full)
+    assert swapped_forwards(llama_bridge) == []

@@ -111,6 +111,11 @@ class ModelFamily(abc.ABC):
     def forward(self, inputs: Tensor, attention_mask: Optional[Tensor], fwd_hooks) -> Tensor:
         """One forward with ``fwd_hooks`` ``[(name, fn)]`` attached and removed again."""
 
+    def unembed_module(self) -> Optional[Any]:
+        """The module mapping the final residual ``[batch, pos, d_model]`` to the logits (each
+        position alone), for unembedding the explained positions only; None: no such module."""
+        return getattr(self.model, "unembed", None)
+
     def block_module(self, layer: int) -> Any:
         """Block ``layer`` as a module whose forward can be recomputed (``checkpoint=True``)."""
         return self.model.blocks[layer]
