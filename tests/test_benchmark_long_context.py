@@ -1,25 +1,17 @@
 """benchmarks/long_context.py produces complete rows, fit and tables on its quick sizes (memory and
 speed values are never asserted: they belong to the benchmark's results)."""
 
-import importlib.util
 import itertools
 import os
-import sys
 
 import pytest
-import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmark_modules import load_benchmark
+import torch
 
 
 def _long_context():
-    """benchmarks/long_context.py as a module (benchmarks/ is not a package)."""
-    path = os.path.join(ROOT, "benchmarks", "long_context.py")
-    spec = importlib.util.spec_from_file_location("long_context_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("long_context")
 
 
 @pytest.fixture

@@ -1,24 +1,15 @@
 """benchmarks/precision.py's measurement gives a complete row whose half-precision errors are
 within issue 13's 5% target on the tiniest size (its timing is never asserted)."""
 
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmark_modules import load_benchmark
 
 
 def _precision():
-    """benchmarks/precision.py as a module (benchmarks/ is not a package)."""
-    path = os.path.join(ROOT, "benchmarks", "precision.py")
-    spec = importlib.util.spec_from_file_location("precision_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("precision")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,14 @@
 """benchmarks/speed.py's measurement functions produce a complete row (speed itself is never asserted)."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmark_modules import load_benchmark
 
 
 def _speed():
-    """benchmarks/speed.py as a module (benchmarks/ is not a package)."""
-    path = os.path.join(ROOT, "benchmarks", "speed.py")
-    spec = importlib.util.spec_from_file_location("speed_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 @pytest.mark.parametrize("family", ["hooked", "bridge"])
