@@ -36,6 +36,7 @@ and from ``hook_z`` on, the kernel between); ``remove`` deletes the instance att
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Optional, Tuple
 
 import torch
@@ -82,7 +83,7 @@ class FusedAttention(Canonizer):
 
     def __init__(self):
         self._forwards = ForwardSwap()
-        self._masks = None
+        self._settings = ExitStack()
 
     def register(self, family, sweep) -> None:
         self.family, self.sweep = family, sweep
@@ -92,17 +93,14 @@ class FusedAttention(Canonizer):
             del sweep.roles[name]
         sweep.scores_materialized = False
         masks = getattr(family, "fused_attention_masks", None)  # a family's mask setting, restored in remove
-        self._masks = masks() if masks is not None else None
-        if self._masks is not None:
-            self._masks.__enter__()
+        if masks is not None:
+            self._settings.enter_context(masks())
         for layer in range(family.n_layers):
             self._forwards.replace(family.attention_module(layer), family.fused_attention_forward(layer, self.kernel))
 
     def remove(self) -> None:
         self._forwards.restore()
-        if self._masks is not None:
-            masks, self._masks = self._masks, None
-            masks.__exit__(None, None, None)
+        self._settings.close()
         self.family = self.sweep = None
 
     def kernel(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
