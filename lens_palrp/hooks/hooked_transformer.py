@@ -143,6 +143,10 @@ class TransformerLensFamily(TextFamily):
     def activation(self, layer: int) -> Callable[[Tensor], Tensor]:
         return self.model.blocks[layer].mlp.act_fn
 
+    def attention_module(self, layer: int):
+        """Block ``layer``'s attention, whose forward fused attention replaces."""
+        return self.model.blocks[layer].attn
+
     def attn_scale(self, layer: int) -> float:
         return float(self.model.blocks[layer].attn.attn_scale)
 
@@ -224,9 +228,6 @@ class HookedTransformerFamily(TransformerLensFamily):
         return [UngroupKeyValueHeads()] if self.n_kv_heads is not None else []
 
     # ------------------------------------------------------------------ fused attention
-    def attention_module(self, layer: int):
-        return self.model.blocks[layer].attn
-
     def fused_attention_refusal(self) -> Optional[str]:
         """What of this config the fused forward does not reproduce, or None."""
         cfg = self.cfg
@@ -245,7 +246,7 @@ class HookedTransformerFamily(TransformerLensFamily):
         same hook points up to ``hook_rot_q`` / ``hook_rot_k`` / ``hook_v`` and from ``hook_z``
         on, and ``kernel`` (``FusedAttention.kernel``) in place of scores, mask, softmax and
         pattern: ``hook_attn_scores`` and ``hook_pattern`` do not fire."""
-        attn, cfg = self.model.blocks[layer].attn, self.cfg
+        attn, cfg = self.attention_module(layer), self.cfg
 
         def forward(query_input, key_input, value_input, past_kv_cache_entry=None,
                     additive_attention_mask=None, attention_mask=None, position_bias=None):

@@ -135,9 +135,6 @@ class TransformerBridgeFamily(TransformerLensFamily):
         return [RebuildAttention()] if self.pattern_observed_only else []
 
     # ------------------------------------------------------------------ fused attention
-    def attention_module(self, layer: int):
-        return self.model.blocks[layer].attn
-
     def fused_attention_refusal(self) -> Optional[str]:
         """What of this bridge the fused forward does not reproduce, or None. It reproduces the
         plain path of ``PositionEmbeddingsAttentionBridge.forward`` (Llama, Mistral, Qwen2,
@@ -149,7 +146,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             )
         except ImportError:  # pragma: no cover - older TransformerLens
             return "this TransformerLens has no PositionEmbeddingsAttentionBridge"
-        attns = [self.model.blocks[layer].attn for layer in range(self.n_layers)]
+        attns = [self.attention_module(layer) for layer in range(self.n_layers)]
         kinds = sorted({type(a).__name__ for a in attns if type(a) is not Plain})
         if kinds:
             return f"the fused forward covers PositionEmbeddingsAttentionBridge, not {', '.join(kinds)}"
@@ -183,8 +180,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         (``FusedAttention.kernel``) in place of scores, mask, softmax and pattern. Hugging Face's
         mask is used as the eager path uses it: a 4-d mask as given (it holds the causal and any
         sliding-window structure), none as causal."""
-        attn = self.model.blocks[layer].attn
-        hf_attn = attn.original_component
+        attn = self.attention_module(layer)
+        head_dim, scale = attn.original_component.head_dim, self.attn_scale(layer)
         rotary = self.pe_type == "rotary"
 
         def forward(*args, **kwargs):
@@ -195,7 +192,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             position_embeddings = kwargs.pop("position_embeddings", None)
             mask = kwargs.pop("attention_mask", None)
             hidden = attn.hook_in(hidden)
-            shape, head_dim = hidden.shape[:-1], hf_attn.head_dim
+            shape = hidden.shape[:-1]
             q, k, v = (proj(hidden).view(*shape, -1, head_dim).transpose(1, 2) for proj in (attn.q, attn.k, attn.v))
             if position_embeddings is not None:
                 q, k = _rotate(attn, q, k, position_embeddings, head_dim, self.cfg)
@@ -210,8 +207,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
                 if mask.ndim < 4:
                     raise NotImplementedError("fused attention takes Hugging Face's 4-d masks only")
                 mask, causal = mask[..., -n_q:, :n_k], False  # the 4-d mask is authoritative, as in eager
-            scaling = getattr(hf_attn, "scaling", head_dim ** -0.5)
-            z = kernel(layer, q, k, v, 1.0 / scaling, causal, mask, zero_empty_rows=attn.compatibility_mode)
+            z = kernel(layer, q, k, v, scale, causal, mask, zero_empty_rows=attn.compatibility_mode)
             out = z.transpose(1, 2).contiguous().reshape(*shape, -1)
             out = attn._pre_output_projection(out)
             weight = getattr(getattr(attn.o, "original_component", None), "weight", None)
