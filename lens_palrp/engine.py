@@ -475,7 +475,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     sweep = Sweep(family, m, batch, n_pos, precision, placement, prepared.attention_mask, record, hook_target,
                   record_gradients)
     named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
-    computation = _computation(family, m, attention, checkpoint, named)
+    computation = _computation(family, m, attention, checkpoint, named, sweep.roles)
     canonizers = list(family.canonizers())
     if _unembed_explained_positions(family, target_fn, named):
         canonizers.append(LogitsAtPositions(target_fn.positions))
@@ -542,15 +542,18 @@ def _unembed_explained_positions(family, target_fn, named) -> bool:
     return not any(name.startswith("unembed.") for name in named)
 
 
-def _computation(family, method: Method, attention: str, checkpoint: bool, named) -> Dict[str, object]:
+def _computation(family, method: Method, attention: str, checkpoint: bool, named,
+                 roles: Dict[str, HookRole]) -> Dict[str, object]:
     """How the sweep runs: ``{"attention": "fused" | "eager", "eager_reason": why eager (None
     when fused), "checkpoint": bool, "logits": "all positions"}`` (``"explained positions"`` once
     ``LogitsAtPositions`` is chosen); ``attention="fused"`` that cannot be is a ValueError."""
     if attention == "eager":
         reason: Optional[str] = "attention='eager' was asked for"
     else:
-        materialized = {name for name, hr in family.hook_roles().items() if hr.role in MATERIALIZED_ROLES}
-        materialized = {n for n in named if n in materialized or n.endswith(("hook_attn_scores", "hook_pattern"))}
+        # a name is compared by its hook point: an alias of a bridge's hook_pattern is the pattern too
+        points = family.hook_points()
+        formed = {id(points.get(n, n)) for n, hr in roles.items() if hr.role in MATERIALIZED_ROLES}
+        materialized = {n for n in named if id(points.get(n, n)) in formed}
         reason = fused_attention_refusal(family, method, encoding_for(family.pe_type), materialized)
         if reason is not None and attention == "fused":
             raise ValueError(f"attention='fused' is not possible here: {reason}. Use attention='auto' or 'eager'")
