@@ -13,7 +13,7 @@ activation-sized relevance tensor is kept unless the user asks for it with ``rec
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -95,6 +95,11 @@ class Sweep:
         self._z_shares: Dict[int, float] = {}
         self._site_out: Optional[Tensor] = None  # the hook point being run, and what observes it
         self._site_callbacks: List[Callable[[Tensor, Tensor], None]] = []
+        # rule sites whose output took part in autograd in the forward, and those the backward
+        # reached: a difference is a hook point off the computation path (``off_path``)
+        self._ran: Set[str] = set()
+        self._fired: Set[str] = set()
+        self._reached: Set[str] = set()
 
     # -- what canonizers and strategies use ------------------------------------------------------
     def capture(self, *roles: Role) -> None:
@@ -203,6 +208,7 @@ class Sweep:
         since the explained scalar consumes it instead."""
         names = [names] if isinstance(names, str) else list(names)
         name, role, layer = names[0], hr.role, hr.layer
+        self._ran.add(name)
         rule = self.method.rule(role)
         site = _Site(self, name, role, layer, consumer, rule)
         for transform in self._transforms.get(role, ()):
@@ -214,6 +220,9 @@ class Sweep:
                     self.records.setdefault(alias, torch.zeros_like(out.detach(), dtype=self.precision.records))
         else:
             def attach(out: Tensor) -> None:
+                if out.requires_grad:  # also on a recompute: the observer node saves the same tensors
+                    self._fired.add(name)
+                    self._site_callbacks.append(lambda a, g: self._reached.add(name))
                 self.encoding.at_site(site, out, share)
                 observe = _OBSERVERS.get(role)
                 if observe is not None:
@@ -316,6 +325,19 @@ class Sweep:
                 self.observe(out, keep)
 
     # -- after the backward ----------------------------------------------------------------------
+    def never_ran(self) -> List[str]:
+        """Rule sites the forward never ran: the model computes that quantity elsewhere, or not
+        at all, and a rule installed there does not act (the scores and pattern under fused
+        attention are not formed by design). Meaningful for a forward that ran every layer."""
+        unformed = {Role.SCORES, Role.PATTERN} if not self.scores_materialized else set()
+        return sorted(name for name, hr in self.roles.items() if name not in self._ran and hr.role not in unformed)
+
+    def unreached(self) -> List[str]:
+        """Rule sites whose output the forward computed with autograd but the backward never
+        reached (an observe-only hook point). Only a method without held-constant rules
+        (``grad_x_input``) must reach every site."""
+        return sorted(self._fired - self._reached)
+
     def finish(self) -> None:
         """What is read off the other records once the backward is done: each softmax's output
         relevance from its layer's per-head relevance (``_observe_softmax_output``)."""
@@ -454,8 +476,12 @@ class _ScaledBackwardOverflow(Exception):
 
 
 def _explain(model, tokens, target, method, position, record, attention_mask, prepend_bos,
-             record_gradients, attention, checkpoint, options, scale_gradients: bool = True) -> Attribution:
-    family = family_for(model)
+             record_gradients, attention, checkpoint, options, scale_gradients: bool = True,
+             family=None, off_path: Optional[List[str]] = None) -> Attribution:
+    family = family if family is not None else family_for(model)
+    if getattr(family, "unverified", False) and off_path is None:
+        _require_hooks_in_path(family, model, tokens, target, method, position, attention_mask, prepend_bos,
+                               attention, checkpoint, options)
     options = _family_options(family, options)
     m = get_method(method)
     record = resolve_hook_names(record, family, "record")
@@ -495,6 +521,11 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
             value, grads, roles_in_graph = _forward_backward(family, sweep, prepared, target_fn, hook_target, batch,
                                                              precision)
         sweep.finish()
+    if hook_target is None:  # every layer ran: each rule site must have
+        _refuse_sites(family, sweep.never_ran(), "never run by the forward (the model computes that quantity "
+                      "elsewhere), so the rules installed there would not act")
+    if off_path is not None:
+        off_path.extend(sweep.unreached())
     sink_relevance = {  # relevance of each input sink: embedding x gradient (Eq. 5, epsilon = 0)
         r: precision.relevance(sweep.leaves[r].detach(), torch.zeros_like(sweep.leaves[r]) if g is None else g)
         for r, g in zip(roles_in_graph, grads)
@@ -507,6 +538,30 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
             raise _ScaledBackwardOverflow from err
         raise
     return family.finish(attr, prepared, sink_relevance, options)
+
+
+def _require_hooks_in_path(family, model, tokens, target, method, position, attention_mask, prepend_bos,
+                           attention, checkpoint, options) -> None:
+    """For an architecture nobody verified: every hook point the rules patch must be in the
+    computation path, or the maps would silently miss what flows around it (an observe-only
+    hook). Checked under ``grad_x_input``, which holds nothing constant, so every rule site the
+    forward ran must be reached by the backward; ``method`` itself is checked when it is that."""
+    off_path: List[str] = []
+    # a scalar of every logit of the explained position reaches whatever the output depends on
+    probe = (lambda logits, positions: logits[torch.arange(len(positions)), positions].sum(-1)) \
+        if family.logits_supported else target
+    _explain(model, tokens, probe, "grad_x_input", position, None, attention_mask, prepend_bos, None,
+             attention, checkpoint, options, family=family, off_path=off_path)
+    _refuse_sites(family, off_path, "not in the computation path (the model computes its output around "
+                  "them), so the rules installed there would not act")
+
+
+def _refuse_sites(family, names: List[str], why: str) -> None:
+    if names:
+        raise NotImplementedError(
+            f"{family.describe()} cannot be explained: the hook points {names[:6]}"
+            f"{' ...' if len(names) > 6 else ''} are {why}"
+        )
 
 
 def _forward_backward(family, sweep: Sweep, prepared, target_fn, hook_target, batch: int, precision: Precision):

@@ -73,6 +73,11 @@ BUILDERS: Dict[str, Callable] = {
 }
 
 
+# builder name -> the Hugging Face model_type its config declares (the coverage table's key)
+MODEL_TYPE = {"gemma3": "gemma3_text", "gptj": "gptj", "gpt_oss": "gpt_oss"}
+MODEL_TYPE = {name: MODEL_TYPE.get(name, name) for name in BUILDERS}
+
+
 def build(name: str, seed: int = 0, biases: bool = True):
     """The architecture's tiny model, float64, eval mode, weights drawn for signal."""
     torch.manual_seed(seed)

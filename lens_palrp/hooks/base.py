@@ -53,6 +53,10 @@ class ModelFamily(abc.ABC):
     logits_supported: bool  # False where the output head's activation has no hook (BERT's MLM head)
     score_roles: Tuple[Role, Role]  # the roles whose product, over attn_scale, gives the scores
 
+    # an architecture nobody verified, explained on the caller's request: the engine then checks
+    # that every hook point the rules patch is in the computation path before any map
+    unverified: bool = False
+
     # keyword options of ``explain`` that only this family takes (e.g. a ViT's patch rule)
     options: ClassVar[Tuple[str, ...]] = ()
 
@@ -62,6 +66,10 @@ class ModelFamily(abc.ABC):
         missing = [name for name in ModelFamily.__annotations__ if not hasattr(self, name)]
         if missing:
             raise TypeError(f"{type(self).__name__} does not set the family facts {missing}")
+
+    def describe(self) -> str:
+        """The model as errors name it."""
+        return self.name
 
     # --------------------------------------------------------------- hooks and forward
     @abc.abstractmethod

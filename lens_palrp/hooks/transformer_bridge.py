@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.canonizers import RebuildAttention
+from lens_palrp.hooks.bridge_support import support_for, verified_model_types
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -64,9 +65,7 @@ except ImportError:  # pragma: no cover - very old TransformerLens
 
 
 # Hugging Face ``model_type``s whose bridge maps are verified (see the module docstring)
-VERIFIED_ARCHITECTURES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom"}
-)
+VERIFIED_ARCHITECTURES = frozenset(verified_model_types())
 # the ALiBi attention whose bias alibi_bias rebuilds and whose hooks were checked in the path
 _VERIFIED_ALIBI = {"bloom": "BloomAttentionBridge"}
 _ALLOW_UNVERIFIED = contextvars.ContextVar("lens_palrp_allow_unverified", default=False)
@@ -258,6 +257,9 @@ class TransformerBridgeFamily(TransformerLensFamily):
             ):
                 raise NotImplementedError(f"block {layer} has no attention with hook_pattern")
 
+    def describe(self) -> str:
+        return f"TransformerBridge of the architecture {self._model_type()!r}"
+
     def _model_type(self) -> str:
         hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
         return str(getattr(hf_config, "model_type", None) or "unknown")
@@ -315,6 +317,10 @@ class TransformerBridgeFamily(TransformerLensFamily):
     def _check_verified(self) -> None:
         hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
         model_type = self._model_type()
+        row = support_for(model_type)
+        if row is not None and row.refused:  # known not to work: no opt-in explains it
+            raise NotImplementedError(
+                f"lens_palrp cannot explain {row.name} ({model_type!r}) on a TransformerBridge: {row.refused}")
         if model_type in VERIFIED_ARCHITECTURES:
             return
         architectures = getattr(hf_config, "architectures", None) or []
@@ -325,9 +331,11 @@ class TransformerBridgeFamily(TransformerLensFamily):
                 f"verified: {', '.join(sorted(VERIFIED_ARCHITECTURES))}. To explain it anyway, unchecked, "
                 "pass allow_unverified=True to explain (or use `with lp.unverified_architectures():`)"
             )
+        self.unverified = True
         warnings.warn(
-            f"explaining an unverified architecture {named}: its maps are unchecked (conservation "
-            "and the positional sinks may be wrong); compare attr.conservation() with the logit",
+            f"explaining an unverified architecture {named}: every hook point the rules patch is checked "
+            "to be in the computation path, but the maps are not verified (conservation and the "
+            "positional sinks may be wrong); compare attr.conservation() with the logit",
             UserWarning,
             stacklevel=2,
         )

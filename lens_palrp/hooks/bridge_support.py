@@ -1,0 +1,54 @@
+"""Which Hugging Face architectures lens_palrp explains on a TransformerBridge, and how each was checked.
+
+One row per architecture: the README's coverage table is this table, and
+``tests/test_architectures.py`` runs the same checks on a tiny random model of every row
+(gradient x input equal to autograd on the bare Hugging Face model, every rule's hook point in
+the computation path by intervention, conservation under pa_lrp / attn_lrp / cp_lrp, nonzero
+positional sinks). A bridge whose ``model_type`` is in no verified row is refused unless the caller
+opts in (``allow_unverified=True``); then the engine still refuses it when a hook point the rules
+patch is never run or is off the computation path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class ArchitectureSupport:
+    name: str  # as researchers call it
+    model_types: Tuple[str, ...]  # Hugging Face config.model_type values it covers
+    encoding: str  # the positional encoding, as PA-LRP sees it
+    refused: Optional[str] = None  # None: verified; else why it is refused
+    notes: str = ""  # what the row covers beyond the plain decoder
+
+    @property
+    def verified(self) -> bool:
+        return self.refused is None
+
+
+ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
+    ArchitectureSupport("Llama", ("llama",), "RoPE", notes="grouped kv heads, gated MLP, fused attention"),
+    ArchitectureSupport("Mistral", ("mistral",), "RoPE", notes="sliding window"),
+    ArchitectureSupport("Qwen2", ("qwen2",), "RoPE", notes="q/k/v biases"),
+    ArchitectureSupport("Qwen3", ("qwen3",), "RoPE", notes="q/k norms"),
+    ArchitectureSupport("Gemma", ("gemma",), "RoPE", notes="scaled embedding, (1 + w) RMSNorm"),
+    ArchitectureSupport("Gemma-3", ("gemma3", "gemma3_text"), "RoPE", notes="q/k norms, sliding windows"),
+    ArchitectureSupport("OLMo-2", ("olmo2",), "RoPE", notes="q/k norms, post-norms"),
+    ArchitectureSupport("GPT-2", ("gpt2",), "learned absolute", notes="biases, LayerNorm"),
+    ArchitectureSupport("BLOOM", ("bloom",), "ALiBi", notes="embedding LayerNorm"),
+    ArchitectureSupport("BERT", ("bert",), "learned absolute + token type",
+                        notes="bidirectional; hidden-state targets (lp.at_hook)"),
+)
+
+
+def support_for(model_type: str) -> Optional[ArchitectureSupport]:
+    return _BY_TYPE.get(model_type)
+
+
+def verified_model_types() -> Tuple[str, ...]:
+    return tuple(t for row in ARCHITECTURES if row.verified for t in row.model_types)
+
+
+_BY_TYPE: Dict[str, ArchitectureSupport] = {t: row for row in ARCHITECTURES for t in row.model_types}
