@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.canonizers import RebuildAttention
+from lens_palrp.hooks.bridge_softcap import qk_norm_refusal, softcap_refusal
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -65,7 +66,7 @@ except ImportError:  # pragma: no cover - very old TransformerLens
 
 # Hugging Face ``model_type``s whose bridge maps are verified (see the module docstring)
 VERIFIED_ARCHITECTURES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom"}
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom"}
 )
 # the ALiBi attention whose bias alibi_bias rebuilds and whose hooks were checked in the path
 _VERIFIED_ALIBI = {"bloom": "BloomAttentionBridge"}
@@ -237,9 +238,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         cfg = self.cfg
         unsupported = {
             self._alibi_refusal(): cfg.positional_embedding_type == "alibi" and not self._verified_alibi(),
-            "attention softcap (attn_scores_soft_cap)": _softcap_on(cfg.attn_scores_soft_cap),
-            "output softcap (output_logits_soft_cap)": _softcap_on(cfg.output_logits_soft_cap),
-            "q/k norms (use_qk_norm: their scale has no hook on the bridge)": bool(cfg.use_qk_norm),
+            self._softcap_refusal(): self._softcap_refusal() is not None,
+            qk_norm_refusal(self): qk_norm_refusal(self) is not None,
             "adjacent-pair RoPE (rotary_adjacent_pairs)": cfg.positional_embedding_type == "rotary"
             and bool(cfg.rotary_adjacent_pairs),
             "bidirectional attention other than BERT": getattr(cfg, "attention_dir", "causal") != "causal"
@@ -257,6 +257,12 @@ class TransformerBridgeFamily(TransformerLensFamily):
                 self.model.blocks[layer].attn, "hook_pattern"
             ):
                 raise NotImplementedError(f"block {layer} has no attention with hook_pattern")
+
+    def _softcap_refusal(self) -> Optional[str]:
+        """Softcaps the rules do not see where the bridge applies them (``bridge_softcap``)."""
+        cfg = self.cfg
+        return softcap_refusal(self, cfg.attn_scores_soft_cap if _softcap_on(cfg.attn_scores_soft_cap) else None,
+                               cfg.output_logits_soft_cap if _softcap_on(cfg.output_logits_soft_cap) else None)
 
     def _model_type(self) -> str:
         hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
