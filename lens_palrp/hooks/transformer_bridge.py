@@ -31,9 +31,11 @@ head count that is not a power of two are not TransformerLens' geometric ``2^(-8
 Hugging Face takes BLOOM's (and Llama's) softmax in float32 whatever the dtype, so a float64 bridge
 conserves up to float32 rounding (~1e-7 of the logit), not to float64's.
 
+Gemma-2's softcaps and the q/k norms of Qwen3, OLMo-2 and Gemma-3 are checked where the bridge
+applies them (``lens_palrp.hooks.bridge_softcap``); a cap or a q/k norm elsewhere is refused.
+
 Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
-with ``alibi=True``: their bias is added elsewhere and unverified), attention or output softcaps,
-q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
+with ``alibi=True``: their bias is added elsewhere and unverified), adjacent-pair RoPE.
 
 Only architectures whose maps were checked (conservation on bias-free weights, agreement with
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
