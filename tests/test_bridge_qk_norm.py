@@ -79,6 +79,17 @@ def test_the_q_k_norm_scales_are_hooked_in_the_path_and_get_the_norm_role(arch):
             assert float((out - base).abs().max()) > 1e-6, hook
 
 
+def test_every_hook_the_sweep_patches_is_in_the_computation_path(arch):
+    _, _, bridge = arch
+    with torch.no_grad():
+        base = bridge(TOKENS)
+        for name, role in family_for(bridge).hook_roles().items():
+            if role.role in (Role.RESID_FINAL, Role.ROPE_COS, Role.ROPE_SIN):
+                continue
+            out = bridge.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda a, hook: a * 1.3 + 0.05)])
+            assert float((out - base).abs().max()) > 1e-8, name
+
+
 def _hand_detached(norm, offset):
     """RMSNorm with its scale detached, in float64, written out (not Hugging Face's forward)."""
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
