@@ -34,6 +34,8 @@ ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
     ArchitectureSupport("Qwen2", ("qwen2",), "RoPE", notes="q/k/v biases"),
     ArchitectureSupport("Qwen3", ("qwen3",), "RoPE", notes="q/k norms"),
     ArchitectureSupport("Gemma", ("gemma",), "RoPE", notes="scaled embedding, (1 + w) RMSNorm"),
+    ArchitectureSupport("Gemma-2", ("gemma2",), "RoPE",
+                        notes="attention and output softcaps (identity rule), alternating sliding windows"),
     ArchitectureSupport("Gemma-3", ("gemma3", "gemma3_text"), "RoPE", notes="q/k norms, sliding windows"),
     ArchitectureSupport("OLMo-2", ("olmo2",), "RoPE", notes="q/k norms, post-norms"),
     ArchitectureSupport("GPT-2", ("gpt2",), "learned absolute", notes="biases, LayerNorm"),

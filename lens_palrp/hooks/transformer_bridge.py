@@ -31,9 +31,11 @@ head count that is not a power of two are not TransformerLens' geometric ``2^(-8
 Hugging Face takes BLOOM's (and Llama's) softmax in float32 whatever the dtype, so a float64 bridge
 conserves up to float32 rounding (~1e-7 of the logit), not to float64's.
 
+Gemma-2's softcaps and the q/k norms of Qwen3, OLMo-2 and Gemma-3 are checked where the bridge
+applies them (``lens_palrp.hooks.bridge_softcap``); a cap or a q/k norm elsewhere is refused.
+
 Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
-with ``alibi=True``: their bias is added elsewhere and unverified), attention or output softcaps,
-q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
+with ``alibi=True``: their bias is added elsewhere and unverified), adjacent-pair RoPE.
 
 Only architectures whose maps were checked (conservation on bias-free weights, agreement with
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
@@ -54,6 +56,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.canonizers import RebuildAttention
+from lens_palrp.hooks.bridge_softcap import qk_norm_refusal, softcap_refusal
 from lens_palrp.hooks.bridge_support import support_for, verified_model_types
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
@@ -236,9 +239,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         cfg = self.cfg
         unsupported = {
             self._alibi_refusal(): cfg.positional_embedding_type == "alibi" and not self._verified_alibi(),
-            "attention softcap (attn_scores_soft_cap)": _softcap_on(cfg.attn_scores_soft_cap),
-            "output softcap (output_logits_soft_cap)": _softcap_on(cfg.output_logits_soft_cap),
-            "q/k norms (use_qk_norm: their scale has no hook on the bridge)": bool(cfg.use_qk_norm),
+            self._softcap_refusal(): self._softcap_refusal() is not None,
+            qk_norm_refusal(self): qk_norm_refusal(self) is not None,
             "adjacent-pair RoPE (rotary_adjacent_pairs)": cfg.positional_embedding_type == "rotary"
             and bool(cfg.rotary_adjacent_pairs),
             "bidirectional attention other than BERT": getattr(cfg, "attention_dir", "causal") != "causal"
@@ -259,6 +261,12 @@ class TransformerBridgeFamily(TransformerLensFamily):
 
     def describe(self) -> str:
         return f"TransformerBridge of the architecture {self._model_type()!r}"
+
+    def _softcap_refusal(self) -> Optional[str]:
+        """Softcaps the rules do not see where the bridge applies them (``bridge_softcap``)."""
+        cfg = self.cfg
+        return softcap_refusal(self, cfg.attn_scores_soft_cap if _softcap_on(cfg.attn_scores_soft_cap) else None,
+                               cfg.output_logits_soft_cap if _softcap_on(cfg.output_logits_soft_cap) else None)
 
     def _model_type(self) -> str:
         hf_config = getattr(getattr(self.model, "original_model", None), "config", None)

@@ -56,6 +56,9 @@ class Rotary(PositionalEncoding):
         q = self.sweep.take(Role.ROT_Q, layer).detach().to(dtype)  # [batch, pos, heads, d_head]
         k = self.sweep.take(Role.ROT_K, layer).detach().to(dtype)  # [batch, pos, kv_heads, d_head]
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        if getattr(self.family, "attn_softcap", None) is not None:  # the gradient the score rule sends through the cap
+            raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / self.family.attn_scale(layer)
+            score_gradient = self.sweep.method.rule(Role.SCORES).raw_score_gradient(self.family, raw, score_gradient)
         key_grad = torch.einsum("bhqk,bqhd->bkhd", score_gradient, q) / self.family.attn_scale(layer)
         self.at_key_gradient(layer, k, key_grad)
 

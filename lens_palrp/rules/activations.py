@@ -39,12 +39,19 @@ class IdentitySoftcap(Rule):
         assert site.layer is not None
         q_role, k_role = fam.score_roles
         q, k = site.take(q_role), site.take(k_role)
+        if k.shape[2] != q.shape[2]:  # grouped kv heads (a bridge keeps them): each query head's copy
+            k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         raw = torch.einsum("bqhd,bkhd->bhqk", q, k) / fam.attn_scale(site.layer)
         capped = fam.attn_softcap * torch.tanh(raw.detach() / fam.attn_softcap)
         return linearized(act, [raw], [identity_rule_ratio(raw.detach(), capped)]), 1.0
 
     def gradient_factor(self, family) -> Optional[float]:
         return 1.0 if family.attn_softcap is None else None  # a capped score is no constant factor
+
+    def raw_score_gradient(self, family, raw: Tensor, grad: Tensor) -> Tensor:
+        if family.attn_softcap is None:
+            return grad
+        return grad * identity_rule_ratio(raw, family.attn_softcap * torch.tanh(raw / family.attn_softcap))
 
 
 class IdentityOutputSoftcap(Rule):

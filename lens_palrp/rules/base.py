@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Protocol, Tuple
 
+import torch
 from torch import Tensor
 
 from lens_palrp.roles import Role
@@ -58,6 +59,20 @@ class Rule:
         that is no constant factor keeps the sweep on eager attention. A subclass that
         overrides ``apply`` is None unless it says otherwise."""
         return 1.0 if type(self).apply is Rule.apply else None
+
+    def raw_score_gradient(self, family: "ModelFamily", raw: Tensor, grad: Tensor) -> Tensor:
+        """At the attention scores: the gradient at the raw scores ``q k^T / scale`` from ``grad``,
+        the one at the scores the softmax takes (capped where the model has a softcap). A strategy
+        that credits grouped keys per query head from the score gradients needs it. Plain rule:
+        the cap's derivative; a rule that patches the node must say its own."""
+        cap = family.attn_softcap
+        if cap is None:
+            return grad
+        if type(self).apply is not Rule.apply:
+            raise NotImplementedError(f"{type(self).__name__} at the scores of a softcapped model does not say "
+                                      "what gradient the raw scores get (raw_score_gradient)")
+        t = torch.tanh(raw / cap)
+        return grad * (1 - t * t)
 
     def complete(self, raw: Tensor, value: Tensor) -> Tensor:
         """For a rule whose node has no hook after it (the output softcap): the node's output
