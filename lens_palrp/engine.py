@@ -97,6 +97,7 @@ class Sweep:
         self._site_callbacks: List[Callable[[Tensor, Tensor], None]] = []
         # rule sites whose output took part in autograd in the forward, and those the backward
         # reached: a difference is a hook point off the computation path (``off_path``)
+        self.checking_path = False  # set for the pass that checks every rule site is in the path
         self._ran: Set[str] = set()
         self._fired: Set[str] = set()
         self._reached: Set[str] = set()
@@ -220,7 +221,9 @@ class Sweep:
                     self.records.setdefault(alias, torch.zeros_like(out.detach(), dtype=self.precision.records))
         else:
             def attach(out: Tensor) -> None:
-                if out.requires_grad:  # also on a recompute: the observer node saves the same tensors
+                if self.checking_path and out.requires_grad:
+                    # through the observer node: a new tensor, so a model that recomputes around an
+                    # unedited hook (TransformerLens' norms) takes the path the rules' edits take
                     self._fired.add(name)
                     self._site_callbacks.append(lambda a, g: self._reached.add(name))
                 self.encoding.at_site(site, out, share)
@@ -334,8 +337,8 @@ class Sweep:
 
     def unreached(self) -> List[str]:
         """Rule sites whose output the forward computed with autograd but the backward never
-        reached (an observe-only hook point). Only a method without held-constant rules
-        (``grad_x_input``) must reach every site."""
+        reached (an observe-only hook point); tracked while ``checking_path``. Only a method
+        without held-constant rules (``grad_x_input``) must reach every site."""
         return sorted(self._fired - self._reached)
 
     def finish(self) -> None:
@@ -500,6 +503,7 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
 
     sweep = Sweep(family, m, batch, n_pos, precision, placement, prepared.attention_mask, record, hook_target,
                   record_gradients)
+    sweep.checking_path = off_path is not None
     named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
     computation = _computation(family, m, attention, checkpoint, named, sweep.roles)
     canonizers = list(family.canonizers())
