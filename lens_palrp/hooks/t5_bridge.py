@@ -42,6 +42,18 @@ from lens_palrp.roles import HookRole, Role
 _SUPPORTED = ("t5",)
 
 
+def _old_block_bridge() -> bool:
+    """TransformerLens 3.x patches ``T5Block.forward`` to return the layout of transformers < 5.15,
+    which newer T5 stacks cannot unpack (checked on TransformerLens 3.9 with transformers 5.23)."""
+    import inspect
+    from importlib.metadata import version
+
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    major = int(version("transformer-lens").split(".")[0])
+    return major < 4 and "output_attentions" not in inspect.signature(T5Block.forward).parameters
+
+
 def is_encoder_decoder_bridge(model) -> bool:
     return is_transformer_bridge(model) and hasattr(model, "encoder_blocks") and hasattr(model, "decoder_blocks")
 
@@ -82,6 +94,12 @@ class T5BridgeFamily(TransformerBridgeFamily):
                 f"lens_palrp cannot explain this encoder-decoder TransformerBridge ({model_type!r}): only T5 "
                 "(model_type 't5': relative position bias, ReLU MLP) is implemented; its attention, bias and MLP "
                 "layout are unverified for the others"
+            )
+        if _old_block_bridge():
+            raise NotImplementedError(
+                "lens_palrp cannot explain a T5 TransformerBridge on TransformerLens < 4: its T5 block bridge "
+                "returns the old (hidden, bias, weights, ...) tuple, which this transformers' T5 stack does not "
+                "unpack, so the bridge's own forward fails; use TransformerLens >= 4.3"
             )
         if getattr(hf, "is_gated_act", False) or bool(getattr(self.cfg, "gated_mlp", False)):
             raise NotImplementedError(
