@@ -2,9 +2,8 @@
 Face model: gradient x input of the token embeddings, the per-head outputs and the relative bias
 equal autograd; conservation under the LRP methods; the bias is a sink under PA-LRP only.
 
-Hugging Face takes T5's softmax and its norms' variance in float32 even in a float64 model; the
-comparisons with its autograd hold to ~1e-9 here (well inside 1e-6), and conservation is measured
-on the sweep's own float64 graph, so no patch is needed."""
+No float64 patch is needed: T5's softmax runs in the model's dtype, and the gradient x input
+comparisons agree to ~1e-15 (checked to 1e-6)."""
 
 import sys
 import warnings
