@@ -252,17 +252,21 @@ class Sweep:
     def _observe_residual(self, site, out, share):
         layer = site.layer
         slot = self.family.n_layers if layer is None else layer  # the final residual has no layer
-        self.observe(out, lambda a, g: self.accumulate(self.residual[:, slot], (a * g).sum(-1)))
+        at = self.family.record_positions(layer)
+        self.observe(out, lambda a, g: self.accumulate(self.residual[:, slot, at], (a * g).sum(-1)))
 
     def _observe_heads(self, site, out, share):
         """Per-head relevance written into the residual stream: ``z * grad`` summed over d_head."""
         layer = site.layer
         self._z_shares[layer] = share
-        self.observe(out, lambda a, g: self.accumulate(self.heads_by_pos[:, layer], (a * g).sum(-1).transpose(1, 2)))
+        at = self.family.record_positions(layer)
+        self.observe(out, lambda a, g: self.accumulate(self.heads_by_pos[:, layer, :, at],
+                                                       (a * g).sum(-1).transpose(1, 2)))
 
     def _observe_mlp(self, site, out, share):
         layer = site.layer
-        self.observe(out, lambda a, g: self.accumulate(self.mlp[:, layer], (a * g).sum(-1)))
+        at = self.family.record_positions(layer)
+        self.observe(out, lambda a, g: self.accumulate(self.mlp[:, layer, at], (a * g).sum(-1)))
 
     def _observe_softmax_output(self, site, out, share):
         """The relevance leaving the softmax, ``sum_j p_j g_j`` (``g``: the gradient the pattern

@@ -59,8 +59,9 @@ def row_of(name: str):
     return support_for(MODEL_TYPE[name])
 
 
-VERIFIED = [name for name in BUILDERS if row_of(name) is not None and row_of(name).verified]
-REFUSED = [name for name in BUILDERS if name not in VERIFIED]
+CHECKED_HERE = [name for name in BUILDERS if row_of(name) is None or row_of(name).test == "tests/test_architectures.py"]
+VERIFIED = [name for name in CHECKED_HERE if row_of(name) is not None and row_of(name).verified]
+REFUSED = [name for name in CHECKED_HERE if name not in VERIFIED]
 
 
 def is_encoder(bridge) -> bool:

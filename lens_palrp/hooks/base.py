@@ -128,6 +128,12 @@ class ModelFamily(abc.ABC):
         """Block ``layer`` as a module whose forward can be recomputed (``checkpoint=True``)."""
         return self.model.blocks[layer]
 
+    def record_positions(self, layer: Optional[int]) -> slice:
+        """The result positions that layer ``layer``'s per-position records fill (``None``: the final
+        residual): all of them, except where a model lays two stacks side by side (T5's encoder
+        and decoder positions)."""
+        return slice(None)
+
     def canonizers(self) -> Sequence[Any]:
         """The rewrites (``lens_palrp.canonizers``) this model needs for the rules; none by default."""
         return ()

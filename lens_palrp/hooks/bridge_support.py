@@ -22,6 +22,7 @@ class ArchitectureSupport:
     encoding: str  # the positional encoding, as PA-LRP sees it
     refused: Optional[str] = None  # None: verified; else why it is refused
     notes: str = ""  # what the row covers beyond the plain decoder
+    test: str = "tests/test_architectures.py"  # where its checks run (beside the per-family tests)
 
     @property
     def verified(self) -> bool:
@@ -42,6 +43,9 @@ ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
     ArchitectureSupport("BLOOM", ("bloom",), "ALiBi", notes="embedding LayerNorm"),
     ArchitectureSupport("BERT", ("bert",), "learned absolute + token type",
                         notes="bidirectional; hidden-state targets (lp.at_hook)"),
+    ArchitectureSupport("T5", ("t5",), "relative position bias (its own sink)",
+                        notes="encoder-decoder (decoder_input=); TransformerLens >= 4.3",
+                        test="tests/test_bridge_t5.py"),
 )
 
 
