@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.canonizers import RebuildAttention
+from lens_palrp.hooks import bridge_moe
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -132,7 +133,9 @@ class TransformerBridgeFamily(TransformerLensFamily):
         self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
 
     def canonizers(self):
-        return [RebuildAttention()] if self.pattern_observed_only else []
+        moe = bridge_moe.moe_layers(self.model)  # expert loops rebuilt with the rules
+        return ([RebuildAttention()] if self.pattern_observed_only else []) + (
+            [bridge_moe.MixtureOfExperts(moe)] if moe else [])
 
     # ------------------------------------------------------------------ fused attention
     def fused_attention_refusal(self) -> Optional[str]:
@@ -235,6 +238,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
 
     def check_supported(self) -> None:
         cfg = self.cfg
+        moe = bridge_moe.moe_refusal(self.model)
         unsupported = {
             self._alibi_refusal(): cfg.positional_embedding_type == "alibi" and not self._verified_alibi(),
             "attention softcap (attn_scores_soft_cap)": _softcap_on(cfg.attn_scores_soft_cap),
@@ -244,7 +248,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             and bool(cfg.rotary_adjacent_pairs),
             "bidirectional attention other than BERT": getattr(cfg, "attention_dir", "causal") != "causal"
             and not self.encoder,
-            "mixture-of-experts MLP": bool(getattr(cfg, "num_experts", None)),
+            moe or "mixture-of-experts MLP": moe is not None,
         }
         bad = [name for name, hit in unsupported.items() if hit]
         if bad:
@@ -340,6 +344,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             roles["embed.hook_out"] = HookRole(Role.EMBED)
             roles["pos_embed.hook_out"] = HookRole(Role.POS_EMBED)
             roles["token_type_embed.hook_out"] = HookRole(Role.TOKEN_TYPE)
+        bridge_moe.drop_dense_mlp_roles(self.model, roles)
         missing = [name for name in roles if not self.has_hook(name)]
         if missing:
             raise NotImplementedError(
