@@ -12,7 +12,8 @@ weighting ``w_e * expert_e``) has a hook in either version.
 So the block's forward is rewritten for the sweep (``MixtureOfExperts``, a reversible canonizer):
 the model's router is called as it is (its values, the bridge's router hooks), and Hugging Face's
 eager expert loop is repeated op for op (the same value, bit for bit), with the method's rules
-installed where no hook can reach: ``MLP_GATED`` on every expert's ``act(gate) * up`` (as on a
+installed where no hook can reach (the eager loop whatever ``config._experts_implementation``
+says: a ``grouped_mm`` model's forward differs from it by rounding only): ``MLP_GATED`` on every expert's ``act(gate) * up`` (as on a
 dense gated MLP) and ``MOE_ROUTED`` on every ``w_e * expert_e`` (``rules.RoutedShares``). The
 router's softmax passes relevance as gradient x input (AttnLRP's rule for a softmax); what it
 absorbs, ``sum w dy/dw - sum logits dy/dlogits``, is measured per layer and reported as
@@ -181,9 +182,14 @@ def _measured_router(sweep, layer: int, batch: int, logits: Tensor, weights: Ten
     """The routing weights (same value) with the router softmax's absorption recorded:
     ``R_out = sum w dy/dw`` (the relevance the routed products hand the weights) minus
     ``R_in = sum logits dy/dlogits`` (what reaches the router's linear map, and through it the
-    residual stream), per example, into ``sweep.router_absorbed[:, layer]``."""
+    residual stream), per example, into ``sweep.router_absorbed[:, layer]``. A router that takes
+    its softmax in float32 (Mixtral) hands back float32 weights: they are cast to the logits'
+    dtype first (exact; the expert products promote them anyway), so ``R_out`` is the relevance
+    the products hand over, and the float32 rounding of the backward inside the router counts as
+    absorbed there instead of going unexplained."""
     if not weights.requires_grad:
         return weights
+    weights = weights.to(logits.dtype)
     if not _feeds(logits, weights):
         raise NotImplementedError(
             f"layer {layer}: the router logits the MoE router returns are not those its weights were computed "
