@@ -23,7 +23,7 @@ pytest.importorskip("transformer_lens.model_bridge")
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from architectures import build  # noqa: E402
 
-MOE = ["mixtral", "qwen3_moe"]
+MOE = ["mixtral", "qwen3_moe", "gpt_oss"]
 TOKENS = torch.randint(2, 18, (2, 9), generator=torch.Generator().manual_seed(5))
 TARGET = 3
 
@@ -216,7 +216,43 @@ def test_grad_x_input_equals_hugging_face_autograd(moe, float64_softmax):
     assert float((attr.heads_by_pos - heads).abs().max() / heads.abs().max()) < 1e-6, name
 
 
-def test_gpt_oss_is_refused_naming_it():
-    bridge = bridge_of(build("gpt_oss", biases=False))
-    with pytest.raises(NotImplementedError, match="gpt-oss .*clamped SwiGLU"):
-        lp.explain(bridge, TOKENS, TARGET, allow_unverified=True)
+def test_gpt_oss_sinks_are_what_closes_the_books(float64_softmax, monkeypatch):
+    """gpt-oss's learned sink logits join every attention softmax as an extra key: the part of the
+    relevance the sink column takes is absorbed there (``softmax_input_relevance``), which the
+    bridge family reports through ``attention_sinks``. Without it the books do not close."""
+    from lens_palrp.hooks.transformer_bridge import TransformerBridgeFamily
+
+    hf = eager_build("gpt_oss")
+    with torch.no_grad():  # sinks large enough to take a visible share of every row
+        for layer in hf.model.layers:
+            layer.self_attn.sinks.copy_(torch.linspace(0.5, 2.0, layer.self_attn.sinks.numel()))
+    bridge = bridge_of(hf)
+    assert all(family_for(bridge).attention_sinks(layer) is not None for layer in range(bridge.cfg.n_layers))
+    c = lp.explain(bridge, TOKENS, TARGET, method="attn_lrp").conservation()
+    assert float((c.other_absorbed / c.target_value).abs().max()) < 1e-8
+    monkeypatch.setattr(TransformerBridgeFamily, "attention_sinks", lambda self, layer: None)
+    c = lp.explain(bridge, TOKENS, TARGET, method="attn_lrp").conservation()
+    assert float((c.other_absorbed / c.target_value).abs().max()) > 1e-4
+
+
+def test_gpt_oss_expert_product_closed_form():
+    """``(clamp(up) + 1) * glu(clamp(gate))`` element by element: up gets ``u * up * glu * g``,
+    gate gets ``(g_s * up + 1) * glu * g``; the two add up to the product's relevance."""
+    g = torch.Generator().manual_seed(2)
+    gate_pre = (torch.randn(4, 6, dtype=torch.float64, generator=g) * 5).requires_grad_(True)
+    up_pre = (torch.randn(4, 6, dtype=torch.float64, generator=g) * 5).requires_grad_(True)
+    upstream = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    gate, up = gate_pre.clamp(max=7.0), up_pre.clamp(-7.0, 7.0)
+    glu = gate * torch.sigmoid(1.702 * gate)
+    value = (up + 1) * glu
+    out = rules.offset_gated_product(gate_pre, glu, up_pre, up, value, 0.5, 0.5)
+    assert torch.equal(out, value)
+    out.backward(upstream)
+    for i in range(4):
+        for j in range(6):
+            r = float(value[i, j] * upstream[i, j])
+            r_up = 0.5 * float(up[i, j] * glu[i, j] * upstream[i, j])
+            r_gate = float((0.5 * up[i, j] + 1) * glu[i, j] * upstream[i, j])
+            assert abs(float(up_pre[i, j] * up_pre.grad[i, j]) - r_up) < 1e-12
+            assert abs(float(gate_pre[i, j] * gate_pre.grad[i, j]) - r_gate) < 1e-12
+            assert abs(r_up + r_gate - r) < 1e-12

@@ -31,17 +31,15 @@ from torch import Tensor
 
 from lens_palrp.canonizers.base import Canonizer, ForwardSwap
 from lens_palrp.roles import Role
+from lens_palrp.rules import GatedShares, Rule, offset_gated_product
 
 # Hugging Face sparse blocks whose forward ``MixtureOfExperts`` repeats: a top-k router ``gate``
 # returning (logits, weights, indices), experts with batched bias-free ``gate_up_proj``
 # [experts, 2 * d_mlp, d_model] and ``down_proj`` [experts, d_model, d_mlp], ``act(gate) * up``
-_REBUILT = frozenset({"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock"})
-
-GPT_OSS_REFUSAL = (
-    "gpt-oss (GptOssMLP): its experts' clamped SwiGLU with biases, (clamp(up) + 1) * glu(clamp(gate)), "
-    "has no rule here yet (the constant +1 keeps relevance like a bias, the clamps need the identity rule), "
-    "and its learned attention sinks with alternating sliding windows are unverified on the bridge"
-)
+# gpt-oss's GptOssMLP: a router with a bias, softmax over the top-k logits; experts in the transposed
+# layout with biases, gate and up interleaved, (clamp(up) + 1) * glu(clamp(gate))
+_REBUILT_GPT_OSS = "GptOssMLP"
+_REBUILT = frozenset({"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", _REBUILT_GPT_OSS})
 
 
 def moe_layers(model) -> List[int]:
@@ -56,8 +54,6 @@ def moe_refusal(model) -> Optional[str]:
     if not layers:
         return "mixture-of-experts MLP outside an MoEBridge" if getattr(model.cfg, "num_experts", None) else None
     kinds = sorted({type(model.blocks[layer].mlp.original_component).__name__ for layer in layers})
-    if "GptOssMLP" in kinds:
-        return GPT_OSS_REFUSAL
     other = [kind for kind in kinds if kind not in _REBUILT]
     if other:
         return (f"mixture-of-experts MLP {', '.join(other)}: only {', '.join(sorted(_REBUILT))} have their "
@@ -129,7 +125,8 @@ class MixtureOfExperts(Canonizer):
     def register(self, family, sweep) -> None:
         for layer in self.layers:
             block = family.model.blocks[layer].mlp.original_component
-            self._forwards.replace(block, _rebuilt_forward(block, layer, family, sweep))
+            build = _gpt_oss_forward if type(block).__name__ == _REBUILT_GPT_OSS else _rebuilt_forward
+            self._forwards.replace(block, build(block, layer, family, sweep))
 
     def remove(self) -> None:
         self._forwards.restore()
@@ -174,6 +171,56 @@ def _rebuilt_forward(block, layer: int, family, sweep):
         if out.requires_grad:  # attr.mlp: the block output's relevance per position
             out = sweep.observed(out, lambda a, g: sweep.accumulate(sweep.mlp[:, layer], (a * g).sum(-1)))
         return out
+
+    return forward
+
+
+def _gpt_oss_forward(block, layer: int, family, sweep):
+    """``GptOssMLP.forward`` (its eager expert loop) op for op, with the rules: each expert's
+    ``(clamp(up) + 1) * glu(clamp(gate))`` under ``rules.offset_gated_product`` with the shares of
+    the method's ``MLP_GATED`` rule (plain gradient under a plain rule), ``MOE_ROUTED`` on each
+    ``w_e * expert_e``. Returns ``(output, router_scores)`` as the block does."""
+    experts, router = block.experts, block.router
+    gated_rule, routed_rule = sweep.method.rule(Role.MLP_GATED), sweep.method.rule(Role.MOE_ROUTED)
+    if type(gated_rule) is not Rule and not isinstance(gated_rule, GatedShares):
+        raise NotImplementedError(f"gpt-oss experts take the shares of a GatedShares rule for MLP_GATED, not "
+                                  f"{type(gated_rule).__name__}")
+    n_experts, alpha, limit = experts.num_experts, experts.alpha, experts.limit
+
+    def forward(hidden_states: Tensor):
+        batch, n_pos, d_model = hidden_states.shape
+        x = hidden_states.reshape(-1, d_model)
+        logits, scores, indices = router(x)
+        weights = _measured_router(sweep, layer, batch, logits, scores)
+        out = torch.zeros_like(x, dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            mask = F.one_hot(indices, num_classes=n_experts).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit:
+            expert = expert[0]
+            if expert == n_experts:
+                continue
+            slot, token = torch.where(mask[expert])
+            gate_up = x[token] @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert]
+            gate_pre, up_pre = gate_up[..., ::2], gate_up[..., 1::2]
+            gate = gate_pre.clamp(min=None, max=limit)
+            up = up_pre.clamp(min=-limit, max=limit)
+            glu = gate * torch.sigmoid(gate * alpha)
+            product = (up + 1) * glu
+            if isinstance(gated_rule, GatedShares):
+                product = offset_gated_product(gate_pre, glu, up_pre, up, product,
+                                               gated_rule.gate_share, gated_rule.up_share)
+            expert_out = product @ experts.down_proj[expert] + experts.down_proj_bias[expert]
+            weight = weights[token, slot, None]
+            routed = expert_out * weight
+            site = _ExpertSite(family, f"blocks.{layer}.mlp.experts.{int(expert)}.routed", Role.MOE_ROUTED, layer,
+                               {Role.MOE_WEIGHT: weight, Role.MOE_EXPERT: expert_out})
+            routed, _ = routed_rule.apply(routed, site)
+            out.index_add_(0, token, routed.to(x.dtype))
+        out = out.reshape(batch, n_pos, d_model)
+        if out.requires_grad:
+            out = sweep.observed(out, lambda a, g: sweep.accumulate(sweep.mlp[:, layer], (a * g).sum(-1)))
+        return out, scores
 
     return forward
 

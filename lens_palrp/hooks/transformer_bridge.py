@@ -67,7 +67,7 @@ except ImportError:  # pragma: no cover - very old TransformerLens
 # Hugging Face ``model_type``s whose bridge maps are verified (see the module docstring)
 VERIFIED_ARCHITECTURES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom",
-     "mixtral", "qwen3_moe"}
+     "mixtral", "qwen3_moe", "gpt_oss"}
 )
 # the ALiBi attention whose bias alibi_bias rebuilds and whose hooks were checked in the path
 _VERIFIED_ALIBI = {"bloom": "BloomAttentionBridge"}
@@ -369,6 +369,10 @@ class TransformerBridgeFamily(TransformerLensFamily):
         if self.cfg.act_fn in SUPPORTED_ACTIVATIONS:
             return SUPPORTED_ACTIVATIONS[self.cfg.act_fn]
         raise NotImplementedError(f"cannot find the activation function of {type(hf_mlp).__name__}")
+
+    def attention_sinks(self, layer: int) -> Optional[Tensor]:
+        """GPT-OSS's learned per-head sink logits, which the bridge's softmax joins as an extra key."""
+        return getattr(self.model.blocks[layer].attn.original_component, "sinks", None)
 
     def attn_scale(self, layer: int) -> float:
         """What the scores are divided by (the wrapped module's ``scaling`` is its inverse)."""
