@@ -31,6 +31,10 @@ head count that is not a power of two are not TransformerLens' geometric ``2^(-8
 Hugging Face takes BLOOM's (and Llama's) softmax in float32 whatever the dtype, so a float64 bridge
 conserves up to float32 rounding (~1e-7 of the logit), not to float64's.
 
+Mixture-of-experts MLPs (Mixtral, Qwen3-MoE, gpt-oss) have no hook inside their experts; their
+block forward is rebuilt with the rules by ``lens_palrp.hooks.bridge_moe``. gpt-oss's learned
+sink logits join the softmax absorption through ``attention_sinks``.
+
 Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
 with ``alibi=True``: their bias is added elsewhere and unverified), attention or output softcaps,
 q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
