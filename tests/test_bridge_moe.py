@@ -194,9 +194,9 @@ def test_moe_absorption_survives_save_and_load(moe, tmp_path):
 
 def test_grad_x_input_equals_hugging_face_autograd(moe, float64_softmax):
     """Token relevance: ``E * dy/dE`` at the embedding output; per-head relevance: ``z * dy/dz``
-    at each o_proj input, summed over d_head; both by plain autograd on the bare model (whose
-    ``sdpa`` attention runs in float64: the bridge's float32 attention softmax is put in float64
-    too, or the two differ by ~3e-6)."""
+    at each o_proj input, summed over d_head; both by plain autograd on the bare model. Its eager
+    attention takes the softmax in float32 (as the bridge's eager path does), so it is put in
+    float64: Mixtral's sweep runs fused float64 attention and would differ from it by ~3e-6."""
     name, hf, bridge = moe
     attr = lp.explain(bridge, TOKENS, TARGET, method="grad_x_input")
     embeds = hf.get_input_embeddings()(TOKENS).detach().requires_grad_(True)
