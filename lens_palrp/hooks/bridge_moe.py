@@ -230,13 +230,13 @@ def _measured_router(sweep, layer: int, batch: int, logits: Tensor, weights: Ten
     ``R_out = sum w dy/dw`` (the relevance the routed products hand the weights) minus
     ``R_in = sum logits dy/dlogits`` (what reaches the router's linear map, and through it the
     residual stream), per example, into ``sweep.router_absorbed[:, layer]``. A router that takes
-    its softmax in float32 (Mixtral) hands back float32 weights: they are cast to the logits'
-    dtype first (exact; the expert products promote them anyway), so ``R_out`` is the relevance
-    the products hand over, and the float32 rounding of the backward inside the router counts as
-    absorbed there instead of going unexplained."""
+    its softmax in float32 (Mixtral) hands back float32 weights: in a float64 model they are cast
+    to float64 first (exact; the expert products promote them anyway), so ``R_out`` is the
+    relevance the products hand over, and the float32 rounding of the backward inside the router
+    counts as absorbed there instead of going unexplained."""
     if not weights.requires_grad:
         return weights
-    weights = weights.to(logits.dtype)
+    weights = weights.to(torch.promote_types(weights.dtype, logits.dtype))
     if not _feeds(logits, weights):
         raise NotImplementedError(
             f"layer {layer}: the router logits the MoE router returns are not those its weights were computed "
