@@ -77,6 +77,7 @@ class Sweep:
         self.mlp = z(batch, L, n_pos)
         self.residual = z(batch, L + 1, n_pos)
         self.softmax_absorbed = z(batch, L)
+        self.router_absorbed = z(batch, L)  # mixture-of-experts routers' softmax (lens_palrp.hooks.bridge_moe)
         self.leaves: Dict[Role, Tensor] = {}
         self.scores_materialized = True  # False once FusedAttention runs attention without them
         self.replaying = False  # a block's forward runs once more (CheckpointBlocks)
@@ -680,6 +681,7 @@ def _assemble(sweep: Sweep, prepared, value: Tensor, sink_relevance: Dict[Role, 
             positional_layer_positive=layer_positive,
             positional_layer_abs=layer_abs,
             softmax_absorbed_per_layer=sweep.softmax_absorbed,
+            router_absorbed_per_layer=sweep.router_absorbed,
             positional_leak_per_layer=leak_layers,
             positional_leak_input=leak_input,
         ),

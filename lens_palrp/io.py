@@ -211,6 +211,9 @@ def _reductions(path: str, found: Dict[str, torch.Tensor], stored_fields: Dict[s
             return None
     elif not found and "_reductions" in stored_fields and stored_fields["_reductions"] is None:
         return None
+    if found and "router_absorbed_per_layer" not in found and "softmax_absorbed_per_layer" in found:
+        # saved before mixture-of-experts routers were measured: none absorbed anything
+        found = {**found, "router_absorbed_per_layer": torch.zeros_like(found["softmax_absorbed_per_layer"])}
     missing = [n for n in names if n not in found]
     if missing:
         raise ValueError(f"{path}: the saved Attribution lacks the internal reductions {missing}: "

@@ -92,6 +92,7 @@ _ATTN_LRP = {
     Role.MLP_POST: rules.IdentityActivation(),
     Role.MLP_MID: rules.IdentityActivation(),
     Role.MLP_GATED: rules.GatedShares(0.5, 0.5),
+    Role.MOE_ROUTED: rules.RoutedShares(0.5, 0.5),
     Role.LOGITS: rules.IdentityOutputSoftcap(),
 }
 
@@ -119,8 +120,8 @@ register_method(Method(
     "cp_lrp",
     {**_ATTN_LRP, Role.Q: _GRADIENT, Role.K: _GRADIENT, Role.ROT_Q: _GRADIENT, Role.ROT_K: _GRADIENT,
      Role.V: _GRADIENT, Role.PATTERN: rules.HeldConstant(), Role.SCORES: _GRADIENT,
-     Role.MLP_GATED: rules.GatedShares(0.0, 1.0)},
-    LEAK, "CP-LRP (Ali et al. 2022): attention pattern and MLP gate held constant",
+     Role.MLP_GATED: rules.GatedShares(0.0, 1.0), Role.MOE_ROUTED: rules.RoutedShares(0.0, 1.0)},
+    LEAK, "CP-LRP (Ali et al. 2022): attention pattern, MLP gate and MoE routing weights held constant",
 ))
 register_method(Method("grad_x_input", _INPUT_SINKS, LEAK, "plain gradient x input, no rules"))
 

@@ -127,7 +127,8 @@ class Reductions:
     the token and the input-PE sinks, summed over channels (Eq. 11's "relu"); per layer,
     ``positional_layer_positive`` and ``positional_layer_abs`` the same for the attention-level
     positional tables (relu of each channel, and the authors' abs of each table's channel sum);
-    ``softmax_absorbed_per_layer`` what the softmax rules absorbed; ``positional_leak_per_layer``
+    ``softmax_absorbed_per_layer`` what the softmax rules absorbed (``router_absorbed_per_layer``:
+    those of mixture-of-experts routers); ``positional_leak_per_layer``
     and ``positional_leak_input`` the positional relevance of a method without PE rules.
     """
 
@@ -138,6 +139,7 @@ class Reductions:
     softmax_absorbed_per_layer: Tensor = _spec(REDUCTION, "batch layers")
     positional_leak_per_layer: Tensor = _spec(REDUCTION, "batch layers")
     positional_leak_input: Tensor = _spec(REDUCTION, "batch")
+    router_absorbed_per_layer: Tensor = _spec(REDUCTION, "batch layers")
 
     def __setattr__(self, name, value):
         super().__setattr__(name, _detached(value))
@@ -160,12 +162,13 @@ class Conservation:
     """Where the explained value went, per example (``[batch]``) and per layer (``[batch, layers]``).
 
     ``semantic + positional_input + positional + token_type + positional_leak + softmax_absorbed
-    + other_absorbed == target_value`` holds by construction (``token_type``: BERT's segment
+    + router_absorbed + other_absorbed == target_value`` holds by construction (``token_type``: BERT's segment
     embedding sink, 0 elsewhere). ``positional_leak`` is the relevance
     that flows into additive positional encodings (input PE, shortformer, ALiBi) under a method
     without PE rules: measured, but absent from its maps (PA-LRP turns it into sinks; RoPE under
     AttnLRP does not leak, the rotation passes all relevance to q and k). ``softmax_absorbed`` is
-    measured at every softmax, so ``other_absorbed`` is what the remaining rules absorbed: biases
+    measured at every softmax, ``router_absorbed`` at the softmax of every mixture-of-experts
+    router (0 without experts, and where the routing weights are held constant), so ``other_absorbed`` is what the remaining rules absorbed: biases
     (and, for plain gradient x input, the non-conservative gradients of non-linearities). On a
     bias-free model under an LRP method it is zero up to rounding.
     """
@@ -180,6 +183,8 @@ class Conservation:
     positional_leak_per_layer: Tensor
     softmax_absorbed: Tensor
     softmax_absorbed_per_layer: Tensor
+    router_absorbed: Tensor
+    router_absorbed_per_layer: Tensor
     other_absorbed: Tensor
     absorbed_per_layer: Tensor
 
@@ -195,11 +200,12 @@ class Conservation:
         out: Dict[str, object] = {}
         for name in (
             "target_value", "semantic", "positional_input", "positional", "token_type", "positional_leak",
-            "softmax_absorbed", "other_absorbed",
+            "softmax_absorbed", "router_absorbed", "other_absorbed",
         ):
             out[name] = float(getattr(self, name)[index])
         out["positional_per_layer"] = self.positional_per_layer[index].tolist()
         out["softmax_absorbed_per_layer"] = self.softmax_absorbed_per_layer[index].tolist()
+        out["router_absorbed_per_layer"] = self.router_absorbed_per_layer[index].tolist()
         out["absorbed_per_layer"] = self.absorbed_per_layer[index].tolist()
         return out
 
@@ -222,6 +228,8 @@ class Conservation:
             lines.append(row("token-type embedding", self.token_type[b]))
         lines.append(row("positional leak (no PE rule)", self.positional_leak[b]))
         lines.append(row("absorbed by softmax rules", self.softmax_absorbed[b]))
+        if float(self.router_absorbed.abs().max()) > 0:
+            lines.append(row("absorbed by expert routers", self.router_absorbed[b]))
         lines.append(row("absorbed by biases / other", self.other_absorbed[b]))
         per_layer = ", ".join(f"{v:.3g}" for v in self.positional_per_layer[b].tolist())
         lines.append(f"  positional per layer: [{per_layer}]")
@@ -405,8 +413,10 @@ class Attribution:
         softmax = softmax_layers.sum(-1)
         leak_layers = r.positional_leak_per_layer
         leak = leak_layers.sum(-1) + r.positional_leak_input
+        router_layers = r.router_absorbed_per_layer
+        router = router_layers.sum(-1)
         token_type = self.token_type.sum(-1) if self.token_type is not None else torch.zeros_like(semantic)
-        other = self.target_value - semantic - positional_input - positional - token_type - leak - softmax
+        other = self.target_value - semantic - positional_input - positional - token_type - leak - softmax - router
         resid = self.residual.sum(-1)
         absorbed_layers = resid[:, 1:] - resid[:, :-1] - per_layer
         return Conservation(
@@ -420,6 +430,8 @@ class Attribution:
             positional_leak_per_layer=leak_layers,
             softmax_absorbed=softmax,
             softmax_absorbed_per_layer=softmax_layers,
+            router_absorbed=router,
+            router_absorbed_per_layer=router_layers,
             other_absorbed=other,
             absorbed_per_layer=absorbed_layers,
         )

@@ -36,6 +36,9 @@ class Role(enum.Enum):
     LOGITS = "unembedding output before the output softcap"
     ROPE_COS = "RoPE cos table as the forward uses it (observed)"
     ROPE_SIN = "RoPE sin table as the forward uses it (observed)"
+    MOE_WEIGHT = "routing weight of a selected expert (the router's output)"
+    MOE_EXPERT = "a selected expert's output before its routing weight"
+    MOE_ROUTED = "an expert's output times its routing weight (mixture-of-experts MLP)"
 
 
 @dataclass(frozen=True)

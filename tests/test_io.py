@@ -287,7 +287,11 @@ def test_version_1_file_loads_with_its_numbers(name, v1_expected):
         assert torch.equal(attr.combined(aggregation, parts), v1_expected[f"{name}.combined.{aggregation}.{parts}"])
     c = attr.conservation()
     for field in c.__dataclass_fields__:
-        assert torch.equal(getattr(c, field), v1_expected[f"{name}.conservation.{field}"]), field
+        key = f"{name}.conservation.{field}"
+        if key not in v1_expected:  # added after format 1 (router_absorbed): a format-1 model had no router
+            assert not getattr(c, field).any(), field
+            continue
+        assert torch.equal(getattr(c, field), v1_expected[key]), field
 
 
 def test_version_1_records_take_shorthand_keys():

@@ -33,6 +33,9 @@ conserves up to float32 rounding (~1e-7 of the logit), not to float64's.
 
 Gemma-2's softcaps and the q/k norms of Qwen3, OLMo-2 and Gemma-3 are checked where the bridge
 applies them (``lens_palrp.hooks.bridge_softcap``); a cap or a q/k norm elsewhere is refused.
+Mixture-of-experts MLPs (Mixtral, Qwen3-MoE, gpt-oss) have no hook inside their experts; their
+block forward is rebuilt with the rules by ``lens_palrp.hooks.bridge_moe``. gpt-oss's learned
+sink logits join the softmax absorption through ``attention_sinks``.
 
 Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
 with ``alibi=True``: their bias is added elsewhere and unverified), adjacent-pair RoPE.
@@ -58,6 +61,7 @@ from torch import Tensor
 from lens_palrp.canonizers import RebuildAttention
 from lens_palrp.hooks.bridge_softcap import qk_norm_refusal, softcap_refusal
 from lens_palrp.hooks.bridge_support import support_for, verified_model_types
+from lens_palrp.hooks import bridge_moe
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -134,7 +138,9 @@ class TransformerBridgeFamily(TransformerLensFamily):
         self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
 
     def canonizers(self):
-        return [RebuildAttention()] if self.pattern_observed_only else []
+        moe = bridge_moe.moe_layers(self.model)  # expert loops rebuilt with the rules
+        return ([RebuildAttention()] if self.pattern_observed_only else []) + (
+            [bridge_moe.MixtureOfExperts(moe)] if moe else [])
 
     # ------------------------------------------------------------------ fused attention
     def fused_attention_refusal(self) -> Optional[str]:
@@ -237,6 +243,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
 
     def check_supported(self) -> None:
         cfg = self.cfg
+        moe = bridge_moe.moe_refusal(self.model)
         unsupported = {
             self._alibi_refusal(): cfg.positional_embedding_type == "alibi" and not self._verified_alibi(),
             self._softcap_refusal(): self._softcap_refusal() is not None,
@@ -245,7 +252,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             and bool(cfg.rotary_adjacent_pairs),
             "bidirectional attention other than BERT": getattr(cfg, "attention_dir", "causal") != "causal"
             and not self.encoder,
-            "mixture-of-experts MLP": bool(getattr(cfg, "num_experts", None)),
+            moe or "mixture-of-experts MLP": moe is not None,
         }
         bad = [name for name, hit in unsupported.items() if hit]
         if bad:
@@ -356,6 +363,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             roles["embed.hook_out"] = HookRole(Role.EMBED)
             roles["pos_embed.hook_out"] = HookRole(Role.POS_EMBED)
             roles["token_type_embed.hook_out"] = HookRole(Role.TOKEN_TYPE)
+        bridge_moe.drop_dense_mlp_roles(self.model, roles)
         missing = [name for name in roles if not self.has_hook(name)]
         if missing:
             raise NotImplementedError(
@@ -379,6 +387,10 @@ class TransformerBridgeFamily(TransformerLensFamily):
         if self.cfg.act_fn in SUPPORTED_ACTIVATIONS:
             return SUPPORTED_ACTIVATIONS[self.cfg.act_fn]
         raise NotImplementedError(f"cannot find the activation function of {type(hf_mlp).__name__}")
+
+    def attention_sinks(self, layer: int) -> Optional[Tensor]:
+        """GPT-OSS's learned per-head sink logits, which the bridge's softmax joins as an extra key."""
+        return getattr(self.model.blocks[layer].attn.original_component, "sinks", None)
 
     def attn_scale(self, layer: int) -> float:
         """What the scores are divided by (the wrapped module's ``scaling`` is its inverse)."""

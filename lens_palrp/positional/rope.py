@@ -40,14 +40,20 @@ class Rotary(PositionalEncoding):
     def at_site(self, site, out: Tensor, share: float) -> None:
         role, layer = site.role, site.layer
         if role is Role.ROPE_COS:  # tables observed where the forward uses them (bridges)
-            self._observed_cos[layer] = out.detach()[:, :, None, :]
+            self._observed_cos[layer] = self._full_width(out.detach())[:, :, None, :]
         elif role is Role.ROPE_SIN:
-            self.tables[layer] = (self._observed_cos.pop(layer), out.detach()[:, :, None, :])
+            self.tables[layer] = (self._observed_cos.pop(layer), self._full_width(out.detach())[:, :, None, :])
         elif role in (Role.ROT_Q, Role.ROT_K) and site.rule.splits_rotation:
             if self.keys_per_query_head and role is Role.ROT_K and site.consumer:
                 return  # credited per query head in at_scores / at_key_gradient
             kept = site.rule.rotation_share
             self.sweep.observe(out, lambda y, g: self._sink(layer, y, share * g, kept))
+
+    def _full_width(self, table: Tensor) -> Tensor:
+        """GPT-OSS's bridge observes half-width tables (one entry per channel pair) and duplicates
+        them after the hook for the rotate-half rotation: the same layout here."""
+        rd = self.family.rotary_dim
+        return torch.cat([table, table], dim=-1) if rd is not None and table.shape[-1] * 2 == rd else table
 
     def at_scores(self, layer: int, score_gradient: Tensor) -> None:
         """Query head ``h`` reads its kv head's rotated key through its own scores, so its share of
