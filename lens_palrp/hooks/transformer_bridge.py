@@ -53,7 +53,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from lens_palrp.canonizers import RebuildAttention
+from lens_palrp.hooks import bridge_positions
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -65,7 +65,8 @@ except ImportError:  # pragma: no cover - very old TransformerLens
 
 # Hugging Face ``model_type``s whose bridge maps are verified (see the module docstring)
 VERIFIED_ARCHITECTURES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom"}
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom",
+     "gptj", "opt", "olmo"}
 )
 # the ALiBi attention whose bias alibi_bias rebuilds and whose hooks were checked in the path
 _VERIFIED_ALIBI = {"bloom": "BloomAttentionBridge"}
@@ -130,9 +131,10 @@ class TransformerBridgeFamily(TransformerLensFamily):
         self.logits_supported = not self.encoder  # the MLM head's activation has no hook
         # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
         self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
+        bridge_positions.adjust_facts(self)  # GPT-J's rotation, float32 attention (OPT, GPT-J)
 
     def canonizers(self):
-        return [RebuildAttention()] if self.pattern_observed_only else []
+        return bridge_positions.canonizers(self)  # the attention rebuild, OLMo's weightless norms
 
     # ------------------------------------------------------------------ fused attention
     def fused_attention_refusal(self) -> Optional[str]:
@@ -350,7 +352,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             for layer in range(self.n_layers):
                 roles[f"blocks.{layer}.attn.hook_cos"] = HookRole(Role.ROPE_COS, layer)
                 roles[f"blocks.{layer}.attn.hook_sin"] = HookRole(Role.ROPE_SIN, layer)
-        return roles
+        return bridge_positions.adjust_roles(self, roles)  # GPT-J: rotation rebuilt, not hooked
 
     def activation(self, layer: int) -> Callable[[Tensor], Tensor]:
         hf_mlp = self.model.blocks[layer].mlp.original_component
