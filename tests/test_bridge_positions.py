@@ -72,6 +72,14 @@ def float64_attention(monkeypatch):
 
     monkeypatch.setattr(modeling_gptj.GPTJAttention, "_attn", gptj_attn)
     monkeypatch.setattr(modeling_opt, "eager_attention_forward", opt_attention)
+    # the bridge's own eager attention (OLMo's PositionEmbeddingsAttentionBridge, as Llama's) asks
+    # torch for a float32 softmax: keep a float64 input in float64
+    softmax = torch.nn.functional.softmax
+
+    def softmax_in_input_dtype(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax_in_input_dtype)
     # and the rebuild is checked at float64's tolerance again
     monkeypatch.setattr(bridge_positions, "attention_float32_reason", lambda family: None)
 
@@ -181,18 +189,34 @@ def test_opt_position_table_is_read_with_its_offset(bridges):
     torch.testing.assert_close(cache["hook_pos_embed"][1, 3:], table[2:n - 1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+CASES = [("gptj", "auto"), ("opt", "auto"), ("olmo", "auto"), ("olmo", "eager")]
+
+
+@pytest.mark.parametrize("name, attention", CASES)
 @pytest.mark.parametrize("method", LRP)
-def test_conservation_as_shipped(name, method, bridges):
+def test_conservation_as_shipped(name, attention, method, bridges):
     """Biases zeroed: the logit is fully accounted for up to the float32 rounding in the model's
-    own attention (GPT-J, OPT: about 1e-8 of it), to float64 precision where none (OLMo)."""
-    assert gap(explain(bridges[name][False], method)) < (1e-6 if name != "olmo" else 1e-12)
+    own attention (GPT-J, OPT: about 1e-7 of it; OLMo's eager attention on the bridge, as Llama's),
+    to float64 precision where none (OLMo under the default fused attention)."""
+    attr = explain(bridges[name][False], method, attention=attention)
+    assert gap(attr) < (1e-12 if attr.computation["attention"] == "fused" else 1e-6)
 
 
-@pytest.mark.parametrize("name", ["gptj", "opt"])
+@pytest.mark.parametrize("name, attention", CASES)
 @pytest.mark.parametrize("method", LRP)
-def test_conservation_with_float64_attention(name, method, bridges, float64_attention):
-    assert gap(explain(bridges[name][False], method)) < 1e-12
+def test_conservation_with_float64_attention(name, attention, method, bridges, float64_attention):
+    assert gap(explain(bridges[name][False], method, attention=attention)) < 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_explained_value_is_the_model_logit(name, bridges):
+    """Under PA-LRP the bridge rebuilds every norm whose scale the rule detaches in float64; OLMo's
+    own LayerNorm rounds through float32, so the explained logit differs from Hugging Face's by that
+    rounding only (GPT-J and OPT keep the model's attention output: none)."""
+    hf = build(name, biases=False)
+    with torch.no_grad():
+        logit = hf(TOKENS).logits[:, -1, TARGET]
+    assert rel(explain(bridges[name][False], "pa_lrp").target_value, logit) < 1e-6
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -295,3 +319,46 @@ def test_verified_and_left_unchanged(name, bridges):
 def hooks_and_swaps(model):
     return [(name, list(m._forward_hooks), list(m._forward_pre_hooks), "_apply_weight_and_bias" in m.__dict__)
             for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_rows_equal_single_runs(name, bridges):
+    """GPT-J's rotation at the position ids the model was called with, OPT's offset table rows and
+    OLMo's norms: a left-padded batch gives each row's single run."""
+    from padding import assert_rows_equal_single_runs, pad
+
+    rows = [torch.tensor([3, 5, 7, 2, 9, 4]), torch.tensor([6, 8, 3])]
+    tokens, mask = pad(rows, "left")
+    attr = explain(bridges[name][False], "pa_lrp", tokens=tokens, attention_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_rows_equal_single_runs(bridges[name][False], rows, attr, TARGET, "pa_lrp")
+
+
+def test_gptj_rope_tables_split_the_sink_in_its_own_layout(bridges, monkeypatch):
+    """The cos and sin entries' relevance (the per-layer tables of ``combined()``) recover the
+    content by the inverse rotation, which holds only in GPT-J's adjacent-pair layout: per layer
+    and position they sum to the layer's RoPE sink. With the rotate-half layout they do not."""
+    from lens_palrp.positional.rope import Rotary
+
+    bridge, seen = bridges["gptj"][False], {}
+    original = Rotary.layer_reductions
+
+    def spy(self, positional):
+        seen["tables"] = {layer: (self.cos[layer] + self.sin[layer]).sum(-1) for layer in self.cos}
+        return original(self, positional)
+
+    monkeypatch.setattr(Rotary, "layer_reductions", spy)
+    attr = explain(bridge, "pa_lrp")
+    sinks = attr.positional.sum(2)  # [batch, layers, pos]
+    for layer in range(2):
+        torch.testing.assert_close(seen["tables"][layer], sinks[:, layer], rtol=1e-10, atol=1e-12)
+    adjust = bridge_positions.adjust_facts
+
+    def bridge_cfg_layout(family):  # everything as shipped except the layout: the bridge cfg's
+        adjust(family)
+        family.rotary_adjacent_pairs = bool(family.cfg.rotary_adjacent_pairs)
+
+    monkeypatch.setattr(bridge_positions, "adjust_facts", bridge_cfg_layout)
+    attr = explain(bridge, "pa_lrp")  # the rebuild still rotates adjacent pairs; the tables read halves
+    assert not torch.allclose(seen["tables"][0], attr.positional.sum(2)[:, 0], rtol=1e-6, atol=1e-8)

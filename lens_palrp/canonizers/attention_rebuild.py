@@ -58,15 +58,14 @@ class RebuildAttention(Canonizer):
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         err = float((z.detach() - z_model.detach()).abs().max())
         scale = float(z_model.detach().abs().max())
-        # float32's tolerance where the model's attention computes in float32 (a float32 model, or
-        # a float64 one whose Hugging Face attention rounds to float32: family.attention_float32)
-        float32 = getattr(fam, "attention_float32", None) if z.dtype == torch.float64 else "its dtype"
-        tol = 1e-4 if float32 else 1e-9
+        # float32's tolerance where the attention computes in float32: a float32 model, or a float64
+        # one whose Hugging Face attention rounds to float32 (family.attention_float32 says where)
+        reason = getattr(fam, "attention_float32", None) if z.dtype == torch.float64 else None
+        tol = 1e-9 if z.dtype == torch.float64 and reason is None else 1e-4
         if err > tol * max(scale, 1.0):
             raise NotImplementedError(
-                f"layer {layer}: the attention is not plain softmax(q k^T / scale) v "
-                f"(rebuilt z differs by {err:.3g}, tolerance {tol:g} of max |z|"
-                + (f": {float32}" if float32 and float32 != "its dtype" else "")
-                + "); lens_palrp cannot install its rules here"
+                f"layer {layer}: the attention is not plain softmax(q k^T / scale) v (rebuilt z differs by "
+                f"{err:.3g}, tolerance {tol:g} of max |z|{': ' + reason if reason else ''}); "
+                "lens_palrp cannot install its rules here"
             )
         return z_model.detach() + (z - z.detach())

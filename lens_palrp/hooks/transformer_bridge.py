@@ -31,9 +31,14 @@ head count that is not a power of two are not TransformerLens' geometric ``2^(-8
 Hugging Face takes BLOOM's (and Llama's) softmax in float32 whatever the dtype, so a float64 bridge
 conserves up to float32 rounding (~1e-7 of the logit), not to float64's.
 
+GPT-J (adjacent-pair RoPE applied inside Hugging Face), OPT (float32 softmax in Hugging Face's
+eager attention) and OLMo (LayerNorm without weight or bias) have their specifics in
+``lens_palrp.hooks.bridge_positions``.
+
 Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
 with ``alibi=True``: their bias is added elsewhere and unverified), attention or output softcaps,
-q/k norms (their scale sits outside any hook), adjacent-pair RoPE.
+q/k norms (their scale sits outside any hook), adjacent-pair RoPE in the bridge's own attention
+(``rotary_adjacent_pairs``; GPT-J's, inside Hugging Face, is rebuilt).
 
 Only architectures whose maps were checked (conservation on bias-free weights, agreement with
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
