@@ -362,3 +362,11 @@ def test_gptj_rope_tables_split_the_sink_in_its_own_layout(bridges, monkeypatch)
     monkeypatch.setattr(bridge_positions, "adjust_facts", bridge_cfg_layout)
     attr = explain(bridge, "pa_lrp")  # the rebuild still rotates adjacent pairs; the tables read halves
     assert not torch.allclose(seen["tables"][0], attr.positional.sum(2)[:, 0], rtol=1e-6, atol=1e-8)
+
+
+def test_rope_inside_another_attention_is_refused_before_any_map(bridges, monkeypatch):
+    """A rotary bridge whose attention Hugging Face computes, other than GPT-J's, is refused by
+    name (here GPT-J's own model with the GPT-J rebuild switched off) instead of a KeyError."""
+    monkeypatch.setattr(bridge_positions, "rotation_inside_attention", lambda family: False)
+    with pytest.raises(NotImplementedError, match="'gptj'.*inside Hugging Face's GPTJAttention"):
+        explain(bridges["gptj"][False], "pa_lrp")

@@ -78,6 +78,13 @@ def adjust_roles(family, roles: Dict[str, HookRole]) -> Dict[str, HookRole]:
     if rotation_inside_attention(family):
         drop = (Role.ROT_Q, Role.ROT_K, Role.ROPE_COS, Role.ROPE_SIN)
         roles = {name: hr for name, hr in roles.items() if hr.role not in drop}
+    tables = [name for name, hr in roles.items() if hr.role in (Role.ROPE_COS, Role.ROPE_SIN)]
+    if any(not family.has_hook(name) for name in tables):
+        attention = type(family.model.blocks[0].attn.original_component).__name__
+        raise NotImplementedError(
+            f"lens_palrp cannot explain this TransformerBridge of {model_type(family)!r} yet: its RoPE is applied "
+            f"inside Hugging Face's {attention} (no cos/sin hook point, rotated q/k not in the path); only "
+            "GPT-J's rotation is rebuilt")
     return roles
 
 
