@@ -56,7 +56,7 @@ def rotation_inside_attention(family) -> bool:
 def attention_float32_reason(family) -> Optional[str]:
     """Why the model's own attention rounds to float32 whatever its dtype, or None."""
     kind = model_type(family)
-    config = family.model.original_model.config
+    config = getattr(getattr(family.model, "original_model", None), "config", None)
     if kind == "gptj" and rotation_inside_attention(family):
         return "GPTJAttention._attn casts q and k to float32 for the scores"
     if kind == "opt" and getattr(config, "_attn_implementation", None) == "eager":
