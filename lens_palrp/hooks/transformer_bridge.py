@@ -37,8 +37,13 @@ Mixture-of-experts MLPs (Mixtral, Qwen3-MoE, gpt-oss) have no hook inside their 
 block forward is rebuilt with the rules by ``lens_palrp.hooks.bridge_moe``. gpt-oss's learned
 sink logits join the softmax absorption through ``attention_sinks``.
 
+GPT-J (adjacent-pair RoPE applied inside Hugging Face), OPT (float32 softmax in Hugging Face's
+eager attention) and OLMo (LayerNorm without weight or bias) have their specifics in
+``lens_palrp.hooks.bridge_positions``.
+
 Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
-with ``alibi=True``: their bias is added elsewhere and unverified), adjacent-pair RoPE.
+with ``alibi=True``: their bias is added elsewhere and unverified), adjacent-pair RoPE in the bridge's own attention
+(``rotary_adjacent_pairs``; GPT-J's, inside Hugging Face, is rebuilt).
 
 Only architectures whose maps were checked (conservation on bias-free weights, agreement with
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
@@ -58,10 +63,10 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from lens_palrp.canonizers import RebuildAttention
 from lens_palrp.hooks.bridge_softcap import qk_norm_refusal, softcap_refusal
 from lens_palrp.hooks.bridge_support import support_for, verified_model_types
 from lens_palrp.hooks import bridge_moe
+from lens_palrp.hooks import bridge_positions
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -136,11 +141,12 @@ class TransformerBridgeFamily(TransformerLensFamily):
         self.logits_supported = not self.encoder  # the MLM head's activation has no hook
         # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
         self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
+        bridge_positions.adjust_facts(self)  # GPT-J's rotation, float32 attention (OPT, GPT-J)
 
     def canonizers(self):
         moe = bridge_moe.moe_layers(self.model)  # expert loops rebuilt with the rules
-        return ([RebuildAttention()] if self.pattern_observed_only else []) + (
-            [bridge_moe.MixtureOfExperts(moe)] if moe else [])
+        # the attention rebuild, OLMo's weightless norms
+        return bridge_positions.canonizers(self) + ([bridge_moe.MixtureOfExperts(moe)] if moe else [])
 
     # ------------------------------------------------------------------ fused attention
     def fused_attention_refusal(self) -> Optional[str]:
@@ -374,7 +380,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             for layer in range(self.n_layers):
                 roles[f"blocks.{layer}.attn.hook_cos"] = HookRole(Role.ROPE_COS, layer)
                 roles[f"blocks.{layer}.attn.hook_sin"] = HookRole(Role.ROPE_SIN, layer)
-        return roles
+        return bridge_positions.adjust_roles(self, roles)  # GPT-J: rotation rebuilt, not hooked
 
     def activation(self, layer: int) -> Callable[[Tensor], Tensor]:
         hf_mlp = self.model.blocks[layer].mlp.original_component
