@@ -116,6 +116,10 @@ class T5BridgeFamily(TransformerBridgeFamily):
     def canonizers(self):
         return [T5NormsAsRMS(), T5RebuildAttention()]
 
+    def attention_sinks(self, layer: int):
+        """T5's softmax has no learned sink column."""
+        return None
+
     def norm_modules(self) -> List:
         """Every normalization bridge of both stacks."""
         blocks = list(self.model.encoder_blocks) + list(self.model.decoder_blocks)
