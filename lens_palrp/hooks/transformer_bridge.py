@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.canonizers import RebuildAttention
+from lens_palrp.hooks import bridge_parallel
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -125,14 +126,15 @@ class TransformerBridgeFamily(TransformerLensFamily):
         )
         super().__init__(model)
         if self.pe_type == "rotary" and self.rotary_dim is None:
-            self.rotary_dim = self.d_head
+            self.rotary_dim = bridge_parallel.rotary_dim(model, self.d_head)  # partial RoPE (Pythia, Phi)
         self.causal = not self.encoder
         self.logits_supported = not self.encoder  # the MLM head's activation has no hook
         # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
         self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
 
     def canonizers(self):
-        return [RebuildAttention()] if self.pattern_observed_only else []
+        rebuild = [RebuildAttention()] if self.pattern_observed_only else []
+        return rebuild + bridge_parallel.canonizers(self)  # joint-qkv RoPE: rotated q, k into the path
 
     # ------------------------------------------------------------------ fused attention
     def fused_attention_refusal(self) -> Optional[str]:
