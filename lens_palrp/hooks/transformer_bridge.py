@@ -66,7 +66,8 @@ except ImportError:  # pragma: no cover - very old TransformerLens
 
 # Hugging Face ``model_type``s whose bridge maps are verified (see the module docstring)
 VERIFIED_ARCHITECTURES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom"}
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "gemma3_text", "olmo2", "gpt2", "bert", "bloom",
+     "gpt_neox", "phi3", "phi", "falcon"}  # bridge_parallel.py
 )
 # the ALiBi attention whose bias alibi_bias rebuilds and whose hooks were checked in the path
 _VERIFIED_ALIBI = {"bloom": "BloomAttentionBridge"}

@@ -1,0 +1,222 @@
+"""GPT-NeoX / Pythia, Phi-3, Phi and Falcon TransformerBridges (RoPE, fused qkv, parallel blocks).
+
+Each architecture's tiny float64 model (``tests/architectures.py``) must: agree with plain
+autograd on the bare Hugging Face model under ``grad_x_input`` (embedding and per-head z);
+conserve under the LRP methods with biases zeroed; report nonzero RoPE sinks under PA-LRP; and
+have every hook point the rules patch in the computation path, shown by intervention. Before
+``RotationHooksInPath``, the joint-qkv attentions' ``hook_rot_q`` / ``hook_rot_k`` were not in
+the path and GPT-NeoX lost 39% of its logit with all positional maps zero.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import lens_palrp as lp
+from architectures import build
+from padding import ROWS, assert_rows_equal_single_runs, pad
+from lens_palrp.hooks import family_for
+from lens_palrp.hooks.bridge_parallel import rotation_hooks_missing
+from lens_palrp.hooks.transformer_bridge import VERIFIED_ARCHITECTURES
+from lens_palrp.roles import Role
+
+pytest.importorskip("transformer_lens.model_bridge")
+
+ARCHS = ["gpt_neox", "phi3", "phi", "falcon"]
+JOINT_QKV = {"gpt_neox", "phi3", "falcon"}  # JointQKVPositionEmbeddingsAttentionBridge
+# the attention output projection of the bare Hugging Face model: its input is z, [batch, pos, heads * d_head]
+O_PROJ = {
+    "gpt_neox": "gpt_neox.layers.{}.attention.dense",
+    "phi3": "model.layers.{}.self_attn.o_proj",
+    "phi": "model.layers.{}.self_attn.dense",
+    "falcon": "transformer.h.{}.self_attention.dense",
+}
+ROTARY_DIM = {"gpt_neox": 4, "phi3": 8, "phi": 4, "falcon": 8}  # d_head 8; rotary_pct / partial factor 0.5
+TOKENS = torch.randint(2, 18, (2, 9), generator=torch.Generator().manual_seed(5))
+TARGET = 3
+LRP = ["pa_lrp", "attn_lrp", "cp_lrp"]
+_BRIDGES = {}
+
+
+def bridge_of(arch, biases=False):
+    """One bridge per architecture and bias setting for the module (built from the same seed)."""
+    key = (arch, biases)
+    if key not in _BRIDGES:
+        from lens_palrp.zoo import TOKENIZER_DIR
+        from transformers import AutoTokenizer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _BRIDGES[key] = lp.models.bridge_from_hf(build(arch, biases=biases),
+                                                     AutoTokenizer.from_pretrained(TOKENIZER_DIR), dtype=torch.float64)
+    return _BRIDGES[key]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verified(arch):
+    assert arch in VERIFIED_ARCHITECTURES
+
+
+# ------------------------------------------------------------------------------ hooks in the path
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_hook_the_sweep_patches_is_in_the_computation_path(arch):
+    """With the family's canonizers registered, perturbing any hook the rules patch changes the
+    logits; without them the joint-qkv attention's rotated q and k are observed nowhere (the
+    canonizer exists exactly where they are missing)."""
+    bridge = bridge_of(arch)
+    family = family_for(bridge)
+    roles = family.hook_roles()
+    assert {Role.ROT_Q, Role.ROT_K, Role.ROPE_COS, Role.PATTERN, Role.MLP_PRE} <= {r.role for r in roles.values()}
+    names = [n for n, r in roles.items() if r.role not in (Role.RESID_FINAL, Role.ROPE_COS, Role.ROPE_SIN)]
+    with torch.no_grad():
+        base = bridge(TOKENS)
+
+    def change(name):
+        with torch.no_grad():
+            out = bridge.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda a, hook: a * 1.3 + 0.05)])
+        return float((out - base).abs().max())
+
+    rotated = [n for n in names if n.endswith(("hook_rot_q", "hook_rot_k"))]
+    out_of_path = [n for n in rotated if change(n) < 1e-8]
+    assert bool(out_of_path) == bool(rotation_hooks_missing(bridge))
+    assert not out_of_path or arch in JOINT_QKV
+    canonizers = family.canonizers()
+    for c in canonizers:
+        c.register(family, None)
+    try:
+        for name in names:
+            assert change(name) > 1e-8, name
+    finally:
+        for c in reversed(canonizers):
+            c.remove()
+    assert all("_apply_rotary_pos_emb" not in block.attn.__dict__ for block in bridge.blocks)
+    assert not out_of_path or change(rotated[0]) < 1e-8  # removed again: back as it was
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rotated_hooks_hold_the_rotated_query_and_key(arch):
+    """What the rules see at ``hook_rot_q`` / ``hook_rot_k`` is ``hook_q`` / ``hook_k`` rotated
+    by the observed tables on their first ``rotary_dim`` channels (rotate-half), the rest
+    unchanged; ``rotary_dim`` is the observed table width."""
+    bridge = bridge_of(arch)
+    family = family_for(bridge)
+    assert family.rotary_dim == ROTARY_DIM[arch]
+    seen = {}
+
+    def keep(key):
+        return lambda a, hook: seen.__setitem__(key, a.detach().clone())
+
+    canonizers = family.canonizers()
+    for c in canonizers:
+        c.register(family, None)
+    try:
+        hooks = [(f"blocks.1.attn.{h}", keep(h)) for h in ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k",
+                                                         "hook_cos", "hook_sin")]
+        with torch.no_grad():
+            bridge.run_with_hooks(TOKENS, fwd_hooks=hooks)
+    finally:
+        for c in reversed(canonizers):
+            c.remove()
+    rd = family.rotary_dim
+    cos, sin = seen["hook_cos"], seen["hook_sin"]
+    assert cos.shape[-1] == rd
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [batch, pos, 1, rd]
+    for raw, rotated in (("hook_q", "hook_rot_q"), ("hook_k", "hook_rot_k")):
+        x = seen[raw]
+        assert x.shape == seen[rotated].shape and x.shape[1] == TOKENS.shape[1]  # [batch, pos, heads, d_head]
+        a, b = x[..., : rd // 2], x[..., rd // 2: rd]
+        expected = torch.cat([x[..., :rd] * cos + torch.cat([-b, a], -1) * sin, x[..., rd:]], -1)
+        torch.testing.assert_close(seen[rotated], expected, rtol=1e-12, atol=1e-12)
+    n_kv = family.n_kv_heads or family.n_heads
+    assert seen["hook_rot_k"].shape[2] == n_kv
+
+
+# ------------------------------------------------------------------------------ grad x input
+def hugging_face_gradients(arch, biases):
+    """Plain autograd on the bare Hugging Face model (a fresh one of the same weights): gradient x
+    input of the embedding output ``[batch, pos, d_model]`` and of each layer's z ``[batch, pos,
+    heads, d_head]``, for the logit of ``TARGET`` at the last position."""
+    hf = build(arch, biases=biases)
+    n_heads = hf.config.num_attention_heads
+    leaves, zs = {}, {}
+
+    def embed_hook(module, args, out):
+        leaves["e"] = out.detach().requires_grad_(True)
+        return leaves["e"]
+
+    def z_hook(layer):
+        def hook(module, args):
+            zs[layer] = args[0]  # kept in the graph: autograd.grad reads its gradient
+        return hook
+
+    handles = [hf.get_input_embeddings().register_forward_hook(embed_hook)]
+    for layer in range(hf.config.num_hidden_layers):
+        handles.append(hf.get_submodule(O_PROJ[arch].format(layer)).register_forward_pre_hook(z_hook(layer)))
+    try:
+        logits = hf(TOKENS).logits
+    finally:
+        for h in handles:
+            h.remove()
+    y = logits[:, -1, TARGET].sum()
+    grads = torch.autograd.grad(y, [leaves["e"], *zs.values()])
+    embed = leaves["e"].detach() * grads[0]
+    heads = {layer: (z.detach() * g).reshape(*z.shape[:2], n_heads, -1) for (layer, z), g in zip(zs.items(), grads[1:])}
+    return logits[:, -1, TARGET].detach(), embed, heads
+
+
+@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grad_x_input_is_hugging_face_autograd(arch, biases):
+    target, embed, heads = hugging_face_gradients(arch, biases)
+    bridge = bridge_of(arch, biases)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in heads]
+    attr = lp.explain(bridge, TOKENS, TARGET, method="grad_x_input", record=names)
+    torch.testing.assert_close(attr.target_value, target, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attr.semantic, embed.sum(-1), rtol=1e-6, atol=1e-8)
+    for layer, name in zip(heads, names):
+        torch.testing.assert_close(attr.hooks[name], heads[layer], rtol=1e-6, atol=1e-8, msg=name)
+        assert float(heads[layer].abs().max()) > 1e-3  # every head path carries signal
+
+
+# ------------------------------------------------------------------------------ conservation
+@pytest.mark.parametrize("method", LRP)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_conservation_without_biases(arch, method):
+    """Biases zeroed: the softmax rules are the only sink besides tokens and positions. Under
+    PA-LRP every layer keeps a nonzero RoPE sink, and PA-LRP's token map is not AttnLRP's (the
+    rotation's half is taken from q and k)."""
+    bridge = bridge_of(arch)
+    attr = lp.explain(bridge, TOKENS, TARGET, method=method)
+    c = attr.conservation()
+    gap = (c.other_absorbed / c.target_value).abs()
+    assert float(gap.max()) < 1e-8, (arch, method, gap)
+    per_layer = attr.positional.abs().sum(dim=(2, 3))  # [batch, layers]
+    if method == "pa_lrp":
+        assert float(per_layer.min()) > 1e-4
+        assert float(attr.combined("relu", parts="positional").abs().sum()) > 0
+        attn = lp.explain(bridge, TOKENS, TARGET, method="attn_lrp")
+        assert float((attr.semantic - attn.semantic).abs().max()) > 1e-6
+    else:
+        assert float(per_layer.abs().max()) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_batch_is_its_single_runs(arch):
+    bridge = bridge_of(arch)
+    tokens, mask = pad(ROWS, "left")
+    attr = lp.explain(bridge, tokens, TARGET, attention_mask=mask)
+    assert_rows_equal_single_runs(bridge, ROWS, attr, TARGET, "pa_lrp")
+
+
+def test_model_left_unchanged_after_an_error():
+    """The rotation wrappers are instance attributes of the sweep only, also when it fails."""
+    bridge = bridge_of("gpt_neox")
+
+    def boom(logits):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        lp.explain(bridge, TOKENS, boom)
+    assert all("_apply_rotary_pos_emb" not in block.attn.__dict__ for block in bridge.blocks)
+    assert sum(len(h.fwd_hooks) for h in bridge.hook_dict.values()) == 0
