@@ -85,3 +85,75 @@ def canonizers(family) -> list:
         return []
     missing = rotation_hooks_missing(family.model)
     return [RotationHooksInPath(missing)] if missing else []
+
+
+# ------------------------------------------------------------------------------ fused attention
+def _joint_class():
+    try:
+        from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
+            JointQKVPositionEmbeddingsAttentionBridge,
+        )
+    except ImportError:  # pragma: no cover - older TransformerLens
+        return None
+    return JointQKVPositionEmbeddingsAttentionBridge
+
+
+def is_joint_rotary(attn) -> bool:
+    joint = _joint_class()
+    return joint is not None and type(attn) is joint
+
+
+def fused_refusal(family, attns) -> Optional[str]:
+    """What of these joint-qkv RoPE attentions the fused forward below does not reproduce, or None.
+    It reproduces ``JointQKVPositionEmbeddingsAttentionBridge``'s plain path exactly as the class
+    ships (the class itself, no subclass): fused projection split into q, k, v, rotate-half RoPE
+    (full or partial), grouped kv heads, scores scaled by ``head_dim ** -0.5``, Hugging Face's
+    mask, the output projection."""
+    cfg = family.cfg
+    head_dim = family.d_head
+    reasons = {
+        "split q/k/v inputs (use_split_qkv_input / use_attn_in)": bool(
+            getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)),
+        "use_attn_result": bool(getattr(cfg, "use_attn_result", False)),
+        "a score scale other than head_dim ** -0.5 in the Hugging Face module": any(
+            abs(family.attn_scale(layer) - head_dim ** 0.5) > 1e-12 * head_dim for layer in range(len(attns))),
+        "adjacent-pair RoPE": bool(getattr(cfg, "rotary_adjacent_pairs", False)),
+    }
+    hit = [name for name, on in reasons.items() if on]
+    return f"the fused forward does not cover {', '.join(hit)}" if hit else None
+
+
+def fused_forward(family, layer: int, kernel):
+    """``JointQKVPositionEmbeddingsAttentionBridge.forward`` (the same hook points up to
+    ``hook_rot_q`` / ``hook_rot_k`` / ``hook_v`` and from ``hook_z`` on), with ``kernel``
+    (``FusedAttention.kernel``) in place of scores, mask, softmax and pattern. The rotated q and
+    k pass their hook points here whether or not ``RotationHooksInPath`` is registered (its
+    wrapper is bypassed: the class's own rotation is called)."""
+    attn = family.attention_module(layer)
+    n_heads = family.n_heads
+    n_kv = family.n_kv_heads or n_heads
+    rotate = type(attn)._apply_rotary_pos_emb
+    scale = family.attn_scale(layer)
+
+    def forward(*args, **kwargs):
+        hidden = attn._apply_attention_input_hook(*args, **kwargs)
+        kwargs.pop("hidden_states", None)
+        q, k, v = attn.q(hidden), attn.k(hidden), attn.v(hidden)
+        q, k, v, batch, n_q, head_dim = attn._reshape_qkv_to_heads(q, k, v, n_heads, n_kv)
+        position_embeddings = kwargs.get("position_embeddings")
+        if not isinstance(position_embeddings, tuple):
+            raise NotImplementedError(f"layer {layer}: no RoPE tables reached the attention")
+        cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
+        q, k = rotate(attn, q, k, cos, sin)
+        q, k = attn.hook_rot_q(q), attn.hook_rot_k(k)
+        k, v = attn._update_kv_cache(k, v, **kwargs)
+        mask, causal = kwargs.get("attention_mask"), attn.is_causal and not attn.is_cross_attention
+        if mask is not None:
+            if mask.ndim < 4:
+                raise NotImplementedError("fused attention takes Hugging Face's 4-d masks only")
+            mask, causal = mask[..., -n_q:, : k.shape[-2]], False  # authoritative, as in eager
+        z = kernel(layer, q, k, v, scale, causal, mask, zero_empty_rows=attn.compatibility_mode)
+        out = attn._apply_output_projection(attn._reshape_attn_output(z, batch, n_q, n_heads, head_dim))
+        return attn.hook_out(attn.hook_hidden_states(out)), None  # no pattern exists
+
+    return forward

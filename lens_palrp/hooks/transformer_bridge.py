@@ -39,8 +39,9 @@ Only architectures whose maps were checked (conservation on bias-free weights, a
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
 Face ``model_type`` is refused, naming it, unless the caller opts in (``explain(...,
 allow_unverified=True)`` or ``with lp.unverified_architectures():``). A bridge's adapter can
-compute something other than what its hook names promise (GPT-NeoX and Phi-3 leave 3% of the logit
-unaccounted for and all positional maps zero), which no generic check catches.
+compute something other than what its hook names promise (GPT-NeoX, Phi-3 and Falcon create
+``hook_rot_q`` / ``hook_rot_k`` and never call them: ``bridge_parallel.py`` puts them into the path),
+which no generic check catches.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         except ImportError:  # pragma: no cover - older TransformerLens
             return "this TransformerLens has no PositionEmbeddingsAttentionBridge"
         attns = [self.attention_module(layer) for layer in range(self.n_layers)]
+        if all(bridge_parallel.is_joint_rotary(a) for a in attns):  # GPT-NeoX, Phi-3, Falcon
+            return bridge_parallel.fused_refusal(self, attns)
         kinds = sorted({type(a).__name__ for a in attns if type(a) is not Plain})
         if kinds:
             return f"the fused forward covers PositionEmbeddingsAttentionBridge, not {', '.join(kinds)}"
@@ -184,6 +187,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         mask is used as the eager path uses it: a 4-d mask as given (it holds the causal and any
         sliding-window structure), none as causal."""
         attn = self.attention_module(layer)
+        if bridge_parallel.is_joint_rotary(attn):
+            return bridge_parallel.fused_forward(self, layer, kernel)
         head_dim, scale = attn.original_component.head_dim, self.attn_scale(layer)
         rotary = self.pe_type == "rotary"
 
