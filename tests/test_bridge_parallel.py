@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lens_palrp as lp
-from architectures import build
+from architectures import COMMON, build
 from padding import ROWS, assert_rows_equal_single_runs, pad
 from lens_palrp.hooks import family_for
 from lens_palrp.hooks.bridge_parallel import rotation_hooks_missing
@@ -303,3 +303,46 @@ def test_compatibility_mode_gives_the_same_maps(arch):
         b = lp.explain(bridge_of(arch), TOKENS, TARGET, attention=attention)
         for field in FIELDS:
             torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-9, atol=1e-12, msg=field)
+
+
+# ------------------------------------------------------------------------------ variants, refusals
+VARIANTS = {  # the same model types with the other block layout or rotary width
+    "gpt_neox_sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                            dict(COMMON, intermediate_size=48, rotary_pct=0.25, use_parallel_residual=False)),
+    "falcon_sequential": ("FalconConfig", "FalconForCausalLM",
+                          dict(vocab_size=18, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=False)),
+    "phi3_partial_rotary": ("Phi3Config", "Phi3ForCausalLM",
+                            dict(COMMON, intermediate_size=48, num_key_value_heads=2, partial_rotary_factor=0.5,
+                                 pad_token_id=0, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_sequential_and_partial_variants_conserve(variant, monkeypatch):
+    import architectures
+    from lens_palrp.zoo import TOKENIZER_DIR
+    from transformers import AutoTokenizer
+
+    config, model, kwargs = VARIANTS[variant]
+    monkeypatch.setitem(architectures.BUILDERS, variant, architectures._from(config, model, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = lp.models.bridge_from_hf(build(variant, biases=False), AutoTokenizer.from_pretrained(TOKENIZER_DIR),
+                                          dtype=torch.float64)
+    for method in LRP:
+        for attention in ("eager", "fused"):
+            attr = lp.explain(bridge, TOKENS, TARGET, method=method, attention=attention)
+            c = attr.conservation()
+            assert float((c.other_absorbed / c.target_value).abs().max()) < 1e-8, (method, attention)
+            assert (float(attr.positional.abs().sum()) > 1e-4) == (method == "pa_lrp")
+
+
+def test_a_score_scale_the_bridge_ignores_is_refused(monkeypatch):
+    """The joint-qkv bridge divides the scores by sqrt(head_dim) whatever the Hugging Face module's
+    ``scaling`` says: where the two differ, nothing is explained."""
+    bridge = bridge_of("gpt_neox")
+    hf_attn = bridge.blocks[1].attn.original_component
+    monkeypatch.setattr(hf_attn, "scaling", 0.1)
+    with pytest.raises(NotImplementedError, match=r"'gpt_neox': layer 1's Hugging Face attention scales the scores by 1/10"):
+        lp.explain(bridge, TOKENS, TARGET)

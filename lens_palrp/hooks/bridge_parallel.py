@@ -79,6 +79,20 @@ def rotation_hooks_missing(model) -> List:
     return missing
 
 
+def check_supported(family) -> None:
+    """Refuse a joint-qkv RoPE bridge whose scores the bridge scales otherwise than the Hugging
+    Face module: the bridge divides by ``sqrt(head_dim)`` whatever the model says, the rules (and
+    the grouped-key sink) use the module's scale, so one of the two would be wrong."""
+    for layer, block in enumerate(family.model.blocks):
+        if is_joint_rotary(getattr(block, "attn", None)):
+            scale, bridge_scale = family.attn_scale(layer), family.d_head ** 0.5
+            if abs(scale - bridge_scale) > 1e-12 * bridge_scale:
+                raise NotImplementedError(
+                    f"TransformerBridge of {family._model_type()!r}: layer {layer}'s Hugging Face attention scales the scores by "
+                    f"1/{scale:.6g}, {JOINT_ROTARY_ATTENTION} by 1/sqrt(head_dim) = 1/{bridge_scale:.6g}; "
+                    "lens_palrp cannot tell which the explained forward follows")
+
+
 def canonizers(family) -> list:
     """The rewrites these bridges need: the rotated q and k put into the path (none elsewhere)."""
     if family.pe_type != "rotary":
@@ -110,13 +124,10 @@ def fused_refusal(family, attns) -> Optional[str]:
     (full or partial), grouped kv heads, scores scaled by ``head_dim ** -0.5``, Hugging Face's
     mask, the output projection."""
     cfg = family.cfg
-    head_dim = family.d_head
     reasons = {
         "split q/k/v inputs (use_split_qkv_input / use_attn_in)": bool(
             getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)),
         "use_attn_result": bool(getattr(cfg, "use_attn_result", False)),
-        "a score scale other than head_dim ** -0.5 in the Hugging Face module": any(
-            abs(family.attn_scale(layer) - head_dim ** 0.5) > 1e-12 * head_dim for layer in range(len(attns))),
         "adjacent-pair RoPE": bool(getattr(cfg, "rotary_adjacent_pairs", False)),
     }
     hit = [name for name, on in reasons.items() if on]

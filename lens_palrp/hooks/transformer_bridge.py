@@ -133,6 +133,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
         self.logits_supported = not self.encoder  # the MLM head's activation has no hook
         # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
         self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
+        bridge_parallel.check_supported(self)  # joint-qkv RoPE: the bridge's score scale is the model's
 
     def canonizers(self):
         rebuild = [RebuildAttention()] if self.pattern_observed_only else []
