@@ -153,6 +153,21 @@ def test_rotated_hooks_hold_the_rotated_query_and_key(arch):
     assert seen["hook_rot_k"].shape[2] == n_kv
 
 
+def test_gated_mlp_hooks_are_gate_and_up():
+    """Phi-3's fused gate_up projection, split by the bridge: ``hook_post`` is ``act(hook_pre) *
+    hook_pre_linear``, the product ``GatedShares`` splits (gate side at ``hook_pre``)."""
+    bridge = bridge_of("phi3")
+    family = family_for(bridge)
+    seen = {}
+    hooks = [(f"blocks.0.mlp.{h}", lambda a, hook, h=h: seen.__setitem__(h, a.detach().clone()))
+             for h in ("hook_pre", "hook_pre_linear", "hook_post")]
+    with torch.no_grad():
+        bridge.run_with_hooks(TOKENS, fwd_hooks=hooks)
+    act = family.activation(0)
+    torch.testing.assert_close(seen["hook_post"], act(seen["hook_pre"]) * seen["hook_pre_linear"], rtol=1e-12, atol=1e-14)
+    assert float((seen["hook_post"] - seen["hook_pre"] * act(seen["hook_pre_linear"])).abs().max()) > 1e-3
+
+
 # ------------------------------------------------------------------------------ grad x input
 def hugging_face_gradients(arch, biases):
     """Plain autograd on the bare Hugging Face model (a fresh one of the same weights): gradient x
@@ -345,4 +360,21 @@ def test_a_score_scale_the_bridge_ignores_is_refused(monkeypatch):
     hf_attn = bridge.blocks[1].attn.original_component
     monkeypatch.setattr(hf_attn, "scaling", 0.1)
     with pytest.raises(NotImplementedError, match=r"'gpt_neox': layer 1's Hugging Face attention scales the scores by 1/10"):
+        lp.explain(bridge, TOKENS, TARGET)
+
+
+def test_a_joint_attention_rotating_elsewhere_is_refused():
+    """A subclass with its own rotation and no rotation hooks: the wrapper would sit beside the
+    path, so the bridge is refused instead (checked on a bridge of its own)."""
+    from lens_palrp.zoo import TOKENIZER_DIR
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = lp.models.bridge_from_hf(build("gpt_neox", biases=False), AutoTokenizer.from_pretrained(TOKENIZER_DIR),
+                                          dtype=torch.float64)
+    joint = type(bridge.blocks[0].attn)
+    own = type("OwnRotation", (joint,), {"_apply_rotary_pos_emb": lambda self, q, k, cos, sin: (q, k)})
+    object.__setattr__(bridge.blocks[1].attn, "__class__", own)
+    with pytest.raises(NotImplementedError, match="OwnRotation rotates q and k otherwise"):
         lp.explain(bridge, TOKENS, TARGET)

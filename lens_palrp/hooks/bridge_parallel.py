@@ -47,13 +47,12 @@ def rotary_dim(model, d_head: int) -> int:
     return width
 
 
-def _calls_rotation_hooks(cls) -> Optional[bool]:
-    """Whether ``cls``'s attention calls ``hook_rot_q`` itself; None: its source is not readable."""
+def _attention_source(cls) -> Optional[str]:
+    """The source of ``cls``'s attention computation; None where it is not readable."""
     try:
-        source = inspect.getsource(cls._reconstruct_attention)
+        return inspect.getsource(cls._reconstruct_attention)
     except (OSError, TypeError):
         return None
-    return "hook_rot_q" in source and "hook_rot_k" in source
 
 
 def rotation_hooks_missing(model) -> List:
@@ -65,17 +64,21 @@ def rotation_hooks_missing(model) -> List:
             continue
         if not (hasattr(attn, "hook_rot_q") and hasattr(attn, "hook_rot_k")):
             continue
-        calls = _calls_rotation_hooks(type(attn))
-        if calls is None:
+        source = _attention_source(type(attn))
+        if source is None:
             raise NotImplementedError(
                 f"{type(attn).__name__}: cannot read its attention's source to tell whether hook_rot_q / "
                 "hook_rot_k are in the path")
-        if not calls:
-            if type(attn)._apply_rotary_pos_emb.__qualname__.split(".")[0] != JOINT_ROTARY_ATTENTION:
-                raise NotImplementedError(
-                    f"{type(attn).__name__} overrides the rotation of {JOINT_ROTARY_ATTENTION}; "
-                    "lens_palrp does not know where its rotated q and k are")
-            missing.append(attn)
+        if "hook_rot_q" in source and "hook_rot_k" in source:
+            continue  # the attention fires them itself
+        # the wrapper puts them after the rotation: only where the attention rotates through it
+        own_rotation = type(attn)._apply_rotary_pos_emb.__qualname__.split(".")[0] == JOINT_ROTARY_ATTENTION
+        if not own_rotation or "self._apply_rotary_pos_emb(" not in source:
+            raise NotImplementedError(
+                f"{type(attn).__name__} rotates q and k otherwise than {JOINT_ROTARY_ATTENTION}'s "
+                "_apply_rotary_pos_emb and never calls hook_rot_q / hook_rot_k: lens_palrp cannot put its "
+                "RoPE rules there")
+        missing.append(attn)
     return missing
 
 
