@@ -18,6 +18,7 @@ attention and MLP), which the generic bridge adapter would get wrong.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import List, Optional
 
@@ -39,7 +40,7 @@ def rotary_dim(model, d_head: int) -> int:
     width = int(d_head * _rotary_fraction(hf_config))
     tables = {2 * int(m.inv_freq.shape[-1]) for m in hf_model.modules()
               if isinstance(getattr(m, "inv_freq", None), Tensor)}
-    # GPT-OSS-style half-width tables (applied to both halves) report d_head / 2 there: full RoPE
+    # only a partial rotation is checked: full RoPE rotates every channel whatever its tables' width
     if tables and width < d_head and tables != {width}:
         raise NotImplementedError(
             f"partial RoPE: the config rotates {width} of {d_head} channels per head, the rotary "
@@ -47,6 +48,7 @@ def rotary_dim(model, d_head: int) -> int:
     return width
 
 
+@functools.lru_cache(maxsize=None)
 def _attention_source(cls) -> Optional[str]:
     """The source of ``cls``'s attention computation; None where it is not readable."""
     try:
@@ -55,12 +57,17 @@ def _attention_source(cls) -> Optional[str]:
         return None
 
 
+def _is_joint_kind(attn) -> bool:
+    """``JointQKVPositionEmbeddingsAttentionBridge`` or a subclass of it."""
+    return attn is not None and any(c.__name__ == JOINT_ROTARY_ATTENTION for c in type(attn).__mro__)
+
+
 def rotation_hooks_missing(model) -> List:
     """The joint-qkv RoPE attentions whose ``hook_rot_q`` / ``hook_rot_k`` are not in the path."""
     missing = []
     for block in model.blocks:
         attn = getattr(block, "attn", None)
-        if attn is None or not any(c.__name__ == JOINT_ROTARY_ATTENTION for c in type(attn).__mro__):
+        if not _is_joint_kind(attn):
             continue
         if not (hasattr(attn, "hook_rot_q") and hasattr(attn, "hook_rot_k")):
             continue
@@ -87,7 +94,7 @@ def check_supported(family) -> None:
     Face module: the bridge divides by ``sqrt(head_dim)`` whatever the model says, the rules (and
     the grouped-key sink) use the module's scale, so one of the two would be wrong."""
     for layer, block in enumerate(family.model.blocks):
-        if is_joint_rotary(getattr(block, "attn", None)):
+        if _is_joint_kind(getattr(block, "attn", None)):
             scale, bridge_scale = family.attn_scale(layer), family.d_head ** 0.5
             if abs(scale - bridge_scale) > 1e-12 * bridge_scale:
                 raise NotImplementedError(
