@@ -380,5 +380,5 @@ def test_a_joint_attention_rotating_elsewhere_is_refused():
     joint = type(bridge.blocks[0].attn)
     own = type("OwnRotation", (joint,), {"_apply_rotary_pos_emb": lambda self, q, k, cos, sin: (q, k)})
     object.__setattr__(bridge.blocks[1].attn, "__class__", own)
-    with pytest.raises(NotImplementedError, match="OwnRotation rotates q and k otherwise"):
+    with pytest.raises(NotImplementedError, match="'gpt_neox': OwnRotation rotates q and k otherwise"):
         lp.explain(bridge, TOKENS, TARGET)

@@ -43,7 +43,8 @@ def rotary_dim(model, d_head: int) -> int:
     # only a partial rotation is checked: full RoPE rotates every channel whatever its tables' width
     if tables and width < d_head and tables != {width}:
         raise NotImplementedError(
-            f"partial RoPE: the config rotates {width} of {d_head} channels per head, the rotary "
+            f"TransformerBridge of {getattr(hf_config, 'model_type', None)!r}, partial RoPE: the config rotates "
+            f"{width} of {d_head} channels per head, the rotary "
             f"embedding builds tables of width {sorted(tables)}; lens_palrp cannot tell which the forward uses")
     return width
 
@@ -55,6 +56,10 @@ def _attention_source(cls) -> Optional[str]:
         return inspect.getsource(cls._reconstruct_attention)
     except (OSError, TypeError):
         return None
+
+
+def _model_type(model) -> str:
+    return str(getattr(getattr(getattr(model, "original_model", None), "config", None), "model_type", None))
 
 
 def _is_joint_kind(attn) -> bool:
@@ -74,7 +79,7 @@ def rotation_hooks_missing(model) -> List:
         source = _attention_source(type(attn))
         if source is None:
             raise NotImplementedError(
-                f"{type(attn).__name__}: cannot read its attention's source to tell whether hook_rot_q / "
+                f"TransformerBridge of {_model_type(model)!r}: {type(attn).__name__}: cannot read its attention's source to tell whether hook_rot_q / "
                 "hook_rot_k are in the path")
         if "hook_rot_q" in source and "hook_rot_k" in source:
             continue  # the attention fires them itself
@@ -82,7 +87,7 @@ def rotation_hooks_missing(model) -> List:
         own_rotation = type(attn)._apply_rotary_pos_emb.__qualname__.split(".")[0] == JOINT_ROTARY_ATTENTION
         if not own_rotation or "self._apply_rotary_pos_emb(" not in source:
             raise NotImplementedError(
-                f"{type(attn).__name__} rotates q and k otherwise than {JOINT_ROTARY_ATTENTION}'s "
+                f"TransformerBridge of {_model_type(model)!r}: {type(attn).__name__} rotates q and k otherwise than {JOINT_ROTARY_ATTENTION}'s "
                 "_apply_rotary_pos_emb and never calls hook_rot_q / hook_rot_k: lens_palrp cannot put its "
                 "RoPE rules there")
         missing.append(attn)
