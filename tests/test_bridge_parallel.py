@@ -164,7 +164,8 @@ def test_gated_mlp_hooks_are_gate_and_up():
     with torch.no_grad():
         bridge.run_with_hooks(TOKENS, fwd_hooks=hooks)
     act = family.activation(0)
-    torch.testing.assert_close(seen["hook_post"], act(seen["hook_pre"]) * seen["hook_pre_linear"], rtol=1e-12, atol=1e-14)
+    gated = act(seen["hook_pre"]) * seen["hook_pre_linear"]
+    torch.testing.assert_close(seen["hook_post"], gated, rtol=1e-12, atol=1e-14)
     assert float((seen["hook_post"] - seen["hook_pre"] * act(seen["hook_pre_linear"])).abs().max()) > 1e-3
 
 
@@ -363,7 +364,8 @@ def test_a_score_scale_the_bridge_ignores_is_refused(monkeypatch):
     bridge = bridge_of("gpt_neox")
     hf_attn = bridge.blocks[1].attn.original_component
     monkeypatch.setattr(hf_attn, "scaling", 0.1)
-    with pytest.raises(NotImplementedError, match=r"'gpt_neox': layer 1's Hugging Face attention scales the scores by 1/10"):
+    refusal = r"'gpt_neox': layer 1's Hugging Face attention scales the scores by 1/10"
+    with pytest.raises(NotImplementedError, match=refusal):
         lp.explain(bridge, TOKENS, TARGET)
 
 

@@ -79,17 +79,17 @@ def rotation_hooks_missing(model) -> List:
         source = _attention_source(type(attn))
         if source is None:
             raise NotImplementedError(
-                f"TransformerBridge of {_model_type(model)!r}: {type(attn).__name__}: cannot read its attention's source to tell whether hook_rot_q / "
-                "hook_rot_k are in the path")
+                f"TransformerBridge of {_model_type(model)!r}: {type(attn).__name__}: cannot read its "
+                "attention's source to tell whether hook_rot_q / hook_rot_k are in the path")
         if "hook_rot_q" in source and "hook_rot_k" in source:
             continue  # the attention fires them itself
         # the wrapper puts them after the rotation: only where the attention rotates through it
         own_rotation = type(attn)._apply_rotary_pos_emb.__qualname__.split(".")[0] == JOINT_ROTARY_ATTENTION
         if not own_rotation or "self._apply_rotary_pos_emb(" not in source:
             raise NotImplementedError(
-                f"TransformerBridge of {_model_type(model)!r}: {type(attn).__name__} rotates q and k otherwise than {JOINT_ROTARY_ATTENTION}'s "
-                "_apply_rotary_pos_emb and never calls hook_rot_q / hook_rot_k: lens_palrp cannot put its "
-                "RoPE rules there")
+                f"TransformerBridge of {_model_type(model)!r}: {type(attn).__name__} rotates q and k otherwise "
+                f"than {JOINT_ROTARY_ATTENTION}'s _apply_rotary_pos_emb and never calls hook_rot_q / hook_rot_k: "
+                "lens_palrp cannot put its RoPE rules there")
         missing.append(attn)
     return missing
 
@@ -103,8 +103,8 @@ def check_supported(family) -> None:
             scale, bridge_scale = family.attn_scale(layer), family.d_head ** 0.5
             if abs(scale - bridge_scale) > 1e-12 * bridge_scale:
                 raise NotImplementedError(
-                    f"TransformerBridge of {family._model_type()!r}: layer {layer}'s Hugging Face attention scales the scores by "
-                    f"1/{scale:.6g}, {JOINT_ROTARY_ATTENTION} by 1/sqrt(head_dim) = 1/{bridge_scale:.6g}; "
+                    f"TransformerBridge of {family._model_type()!r}: layer {layer}'s Hugging Face attention "
+                    f"scales the scores by 1/{scale:.6g}, {JOINT_ROTARY_ATTENTION} by 1/sqrt(head_dim) = 1/{bridge_scale:.6g}; "
                     "lens_palrp cannot tell which the explained forward follows")
 
 
