@@ -104,8 +104,8 @@ def check_supported(family) -> None:
             if abs(scale - bridge_scale) > 1e-12 * bridge_scale:
                 raise NotImplementedError(
                     f"TransformerBridge of {family._model_type()!r}: layer {layer}'s Hugging Face attention "
-                    f"scales the scores by 1/{scale:.6g}, {JOINT_ROTARY_ATTENTION} by 1/sqrt(head_dim) = 1/{bridge_scale:.6g}; "
-                    "lens_palrp cannot tell which the explained forward follows")
+                    f"scales the scores by 1/{scale:.6g}, {JOINT_ROTARY_ATTENTION} by 1/sqrt(head_dim) = "
+                    f"1/{bridge_scale:.6g}; lens_palrp cannot tell which the explained forward follows")
 
 
 def canonizers(family) -> list:
