@@ -61,7 +61,8 @@ def tiny_gpt2(folder):
 
 
 def tiny_gpt_neox(folder):
-    """``(hf_model, bridge)``: a Pythia-style model, an architecture lens_palrp has not verified."""
+    """``(hf_model, bridge)``: a Pythia-style model (tests of the unverified-architecture refusal
+    take ``gpt_neox`` off ``VERIFIED_ARCHITECTURES`` to use it)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(2)

@@ -172,9 +172,19 @@ def bridge_inference(tmp_path_factory):
         return tiny_llama(tmp_path_factory.mktemp("llama-inference"))[1]
 
 
+@pytest.fixture(autouse=True)
+def neox_unverified(monkeypatch):
+    """GPT-NeoX stands in for an unverified architecture in this module (its bridge is verified
+    since ``bridge_parallel.py``): taken off the verified list for each case."""
+    from lens_palrp.hooks import transformer_bridge
+
+    monkeypatch.setattr(transformer_bridge, "VERIFIED_ARCHITECTURES",
+                        transformer_bridge.VERIFIED_ARCHITECTURES - {"gpt_neox"})
+
+
 @pytest.fixture(scope="module")
 def neox_folder(tmp_path_factory):
-    """A tiny GPT-NeoX folder: an architecture whose bridge maps lens_palrp has not verified."""
+    """A tiny GPT-NeoX folder: the architecture the unverified-architecture cases use."""
     from bridges import save_with_tokenizer
 
     torch.manual_seed(0)

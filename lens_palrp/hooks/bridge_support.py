@@ -43,6 +43,12 @@ ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
                         notes="attention and output softcaps (identity rule), alternating sliding windows"),
     ArchitectureSupport("Gemma-3", ("gemma3", "gemma3_text"), "RoPE", notes="q/k norms, sliding windows"),
     ArchitectureSupport("OLMo-2", ("olmo2",), "RoPE", notes="q/k norms, post-norms"),
+    ArchitectureSupport("Phi-3", ("phi3",), "RoPE", notes="joint qkv (rotated q/k routed through their hooks), joint gate-up MLP"),
+    ArchitectureSupport("Phi", ("phi",), "RoPE (partial)", notes="parallel attention + MLP, one shared norm"),
+    ArchitectureSupport("GPT-NeoX / Pythia", ("gpt_neox",), "RoPE (partial)",
+                        notes="joint qkv (rotated q/k routed through their hooks), parallel attention + MLP"),
+    ArchitectureSupport("Falcon", ("falcon",), "RoPE", notes="joint qkv, multi-query, parallel attention + MLP "
+                        "(the RoPE variant; ALiBi Falcon is refused)"),
     ArchitectureSupport("OLMo", ("olmo",), "RoPE", notes="LayerNorm without weight or bias"),
     ArchitectureSupport("GPT-J", ("gptj",), "RoPE (adjacent pairs, partial)",
                         notes="rotation inside Hugging Face's attention, rebuilt; parallel attention + MLP"),

@@ -49,8 +49,9 @@ Only architectures whose maps were checked (conservation on bias-free weights, a
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
 Face ``model_type`` is refused, naming it, unless the caller opts in (``explain(...,
 allow_unverified=True)`` or ``with lp.unverified_architectures():``). A bridge's adapter can
-compute something other than what its hook names promise (GPT-NeoX and Phi-3 leave 3% of the logit
-unaccounted for and all positional maps zero), which no generic check catches.
+compute something other than what its hook names promise (GPT-NeoX, Phi-3 and Falcon create
+``hook_rot_q`` / ``hook_rot_k`` and never call them: ``bridge_parallel.py`` puts them into the path),
+which no generic check catches.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from lens_palrp.hooks.bridge_softcap import qk_norm_refusal, softcap_refusal
 from lens_palrp.hooks.bridge_support import support_for, verified_model_types
 from lens_palrp.hooks import bridge_moe
 from lens_palrp.hooks import bridge_positions
+from lens_palrp.hooks import bridge_parallel
 from lens_palrp.hooks.hooked_transformer import TransformerLensFamily, _softcap_on
 from lens_palrp.roles import HookRole, Role
 
@@ -136,17 +138,19 @@ class TransformerBridgeFamily(TransformerLensFamily):
         )
         super().__init__(model)
         if self.pe_type == "rotary" and self.rotary_dim is None:
-            self.rotary_dim = self.d_head
+            self.rotary_dim = bridge_parallel.rotary_dim(model, self.d_head)  # partial RoPE (Pythia, Phi)
         self.causal = not self.encoder
         self.logits_supported = not self.encoder  # the MLM head's activation has no hook
         # the generic AttentionBridge hands attention to Hugging Face: hook_pattern only observes
         self.pattern_observed_only = type(model.blocks[0].attn).__name__ == "AttentionBridge"
         bridge_positions.adjust_facts(self)  # GPT-J's rotation, float32 attention (OPT, GPT-J)
+        bridge_parallel.check_supported(self)  # joint-qkv RoPE: the bridge's score scale is the model's
 
     def canonizers(self):
         moe = bridge_moe.moe_layers(self.model)  # expert loops rebuilt with the rules
-        # the attention rebuild, OLMo's weightless norms
-        return bridge_positions.canonizers(self) + ([bridge_moe.MixtureOfExperts(moe)] if moe else [])
+        return (bridge_positions.canonizers(self)  # the attention rebuild, OLMo's weightless norms
+                + bridge_parallel.canonizers(self)  # joint-qkv RoPE: rotated q, k into the path
+                + ([bridge_moe.MixtureOfExperts(moe)] if moe else []))
 
     # ------------------------------------------------------------------ fused attention
     def fused_attention_refusal(self) -> Optional[str]:
@@ -161,6 +165,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         except ImportError:  # pragma: no cover - older TransformerLens
             return "this TransformerLens has no PositionEmbeddingsAttentionBridge"
         attns = [self.attention_module(layer) for layer in range(self.n_layers)]
+        if all(bridge_parallel.is_joint_rotary(a) for a in attns):  # GPT-NeoX, Phi-3, Falcon
+            return bridge_parallel.fused_refusal(self, attns)
         kinds = sorted({type(a).__name__ for a in attns if type(a) is not Plain})
         if kinds:
             return f"the fused forward covers PositionEmbeddingsAttentionBridge, not {', '.join(kinds)}"
@@ -195,6 +201,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         mask is used as the eager path uses it: a 4-d mask as given (it holds the causal and any
         sliding-window structure), none as causal."""
         attn = self.attention_module(layer)
+        if bridge_parallel.is_joint_rotary(attn):
+            return bridge_parallel.fused_forward(self, layer, kernel)
         head_dim, scale = attn.original_component.head_dim, self.attn_scale(layer)
         rotary = self.pe_type == "rotary"
 
