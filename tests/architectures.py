@@ -61,6 +61,8 @@ BUILDERS: Dict[str, Callable] = {
                   n_positions=64, rotary_dim=4),
     "opt": _from("OPTConfig", "OPTForCausalLM", **COMMON, ffn_dim=48, word_embed_proj_dim=32),
     "bloom": _from("BloomConfig", "BloomForCausalLM", vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+    "mpt": _from("MptConfig", "MptForCausalLM", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
+                 max_seq_len=64),
     "falcon": _from("FalconConfig", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                     num_attention_heads=4, new_decoder_architecture=False, multi_query=True,
                     parallel_attn=True, bias=False),

@@ -28,6 +28,11 @@ class ArchitectureSupport:
     def verified(self) -> bool:
         return self.refused is None
 
+    def markdown(self) -> str:
+        """This row as the README's table writes it."""
+        supported = f"yes: {self.notes}" if self.verified else f"refused: {self.refused}"
+        return f"| {self.name} | {self.encoding} | {supported} | [`{self.test.rsplit('/', 1)[-1]}`]({self.test}) |"
+
 
 ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
     ArchitectureSupport("Llama", ("llama",), "RoPE", notes="grouped kv heads, gated MLP, fused attention"),
@@ -48,7 +53,7 @@ ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
     ArchitectureSupport("GPT-NeoX / Pythia", ("gpt_neox",), "RoPE (partial)",
                         notes="joint qkv (rotated q/k routed through their hooks), parallel attention + MLP"),
     ArchitectureSupport("Falcon", ("falcon",), "RoPE", notes="joint qkv, multi-query, parallel attention + MLP "
-                        "(the RoPE variant; ALiBi Falcon is refused)"),
+                        "(the RoPE variant; ALiBi Falcon is not verified)"),
     ArchitectureSupport("OLMo", ("olmo",), "RoPE", notes="LayerNorm without weight or bias"),
     ArchitectureSupport("GPT-J", ("gptj",), "RoPE (adjacent pairs, partial)",
                         notes="rotation inside Hugging Face's attention, rebuilt; parallel attention + MLP"),
@@ -57,6 +62,8 @@ ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
     ArchitectureSupport("BLOOM", ("bloom",), "ALiBi", notes="embedding LayerNorm"),
     ArchitectureSupport("BERT", ("bert",), "learned absolute + token type",
                         notes="bidirectional; hidden-state targets (lp.at_hook)"),
+    ArchitectureSupport("MPT", ("mpt",), "ALiBi",
+                        refused="its ALiBi bias is added in a form lens_palrp does not rebuild (verified ALiBi: BLOOM's)"),
     ArchitectureSupport("T5", ("t5",), "relative position bias (its own sink)",
                         notes="encoder-decoder (decoder_input=); TransformerLens >= 4.3",
                         test="tests/test_bridge_t5.py"),
