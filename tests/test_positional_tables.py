@@ -14,9 +14,9 @@ B, P, H, DM, DH = 2, 4, 2, 6, 3
 
 
 def test_every_transformer_lens_encoding_has_a_strategy():
-    assert {"standard", "shortformer", "rotary", "alibi"} <= set(ENCODINGS)
-    with pytest.raises(NotImplementedError, match="relative_positional_bias.*supported"):
-        encoding_for("relative_positional_bias")
+    assert {"standard", "shortformer", "rotary", "alibi", "relative_positional_bias"} <= set(ENCODINGS)
+    with pytest.raises(NotImplementedError, match="'xpos' has no PA-LRP strategy; supported"):
+        encoding_for("xpos")
 
 
 def test_registering_a_second_strategy_for_one_encoding_is_refused():

@@ -103,7 +103,8 @@ class _ExpertSite:
 
 def _feeds(source: Tensor, result: Tensor, limit: int = 256) -> bool:
     """Whether ``result`` was computed from ``source`` (a bounded walk of the autograd graph)."""
-    target, seen, todo = source.grad_fn, set(), [result.grad_fn]
+    target, todo = source.grad_fn, [result.grad_fn]
+    seen: set = set()
     while todo and len(seen) < limit:
         node = todo.pop()
         if node is None or node in seen:

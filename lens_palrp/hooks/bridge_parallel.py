@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from torch import Tensor
 
@@ -35,7 +35,7 @@ def rotary_dim(model, d_head: int) -> int:
 
     hf_model = getattr(model, "original_model", None)
     hf_config = getattr(hf_model, "config", None)
-    if hf_config is None:
+    if hf_model is None or hf_config is None:
         return d_head
     width = int(d_head * _rotary_fraction(hf_config))
     tables = {2 * int(m.inv_freq.shape[-1]) for m in hf_model.modules()
@@ -50,7 +50,7 @@ def rotary_dim(model, d_head: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _attention_source(cls) -> Optional[str]:
+def _attention_source(cls: Any) -> Optional[str]:
     """The source of ``cls``'s attention computation; None where it is not readable."""
     try:
         return inspect.getsource(cls._reconstruct_attention)
@@ -72,7 +72,7 @@ def rotation_hooks_missing(model) -> List:
     missing = []
     for block in model.blocks:
         attn = getattr(block, "attn", None)
-        if not _is_joint_kind(attn):
+        if attn is None or not _is_joint_kind(attn):
             continue
         if not (hasattr(attn, "hook_rot_q") and hasattr(attn, "hook_rot_k")):
             continue

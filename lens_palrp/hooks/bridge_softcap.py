@@ -84,10 +84,13 @@ def softcap_refusal(family, attn_softcap: Optional[float], output_softcap: Optio
 def qk_norm_refusal(family) -> Optional[str]:
     """Why a q/k norm of the wrapped attention would be differentiated through, or None: each
     must be wrapped by a normalization bridge whose ``hook_scale`` the sweep holds constant."""
+    norm_bridge: Optional[type]
     try:
         from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+
+        norm_bridge = NormalizationBridge
     except ImportError:  # pragma: no cover - older TransformerLens
-        NormalizationBridge = None
+        norm_bridge = None
     points = family.hook_points()
     for layer, attn in enumerate(_attentions(family)):
         hf_attn = getattr(attn, "original_component", None)
@@ -98,7 +101,7 @@ def qk_norm_refusal(family) -> Optional[str]:
                        if getattr(sub, "name", None) == hf_name]
             bridge = getattr(attn, wrapped[0][0], None) if wrapped else None
             scale = f"blocks.{layer}.attn.{wrapped[0][0]}.hook_scale" if wrapped else None
-            if (bridge is None or NormalizationBridge is None or not isinstance(bridge, NormalizationBridge)
+            if (bridge is None or norm_bridge is None or not isinstance(bridge, norm_bridge)
                     or scale not in points or points[scale] is not getattr(bridge, "hook_scale", None)):
                 return (f"q/k norm {hf_name} of layer {layer} ({type(hf_attn).__name__}) is not wrapped by "
                         "a normalization bridge with a hook_scale (its scale would be differentiated "

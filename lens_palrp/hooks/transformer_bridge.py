@@ -268,7 +268,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
             and not self.encoder,
             moe or "mixture-of-experts MLP": moe is not None,
         }
-        bad = [name for name, hit in unsupported.items() if hit]
+        bad = [str(name) for name, hit in unsupported.items() if hit]
         if bad:
             raise NotImplementedError(
                 "lens_palrp cannot explain this TransformerBridge yet: " + "; ".join(bad)
