@@ -18,9 +18,8 @@ attention and MLP), which the generic bridge adapter would get wrong.
 
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import Tensor
 
@@ -49,13 +48,18 @@ def rotary_dim(model, d_head: int) -> int:
     return width
 
 
-@functools.lru_cache(maxsize=None)
+_SOURCES: Dict[Any, Optional[str]] = {}
+
+
 def _attention_source(cls: Any) -> Optional[str]:
-    """The source of ``cls``'s attention computation; None where it is not readable."""
-    try:
-        return inspect.getsource(cls._reconstruct_attention)
-    except (OSError, TypeError):
-        return None
+    """The source of ``cls``'s attention computation (read once per class); None where it is not
+    readable."""
+    if cls not in _SOURCES:
+        try:
+            _SOURCES[cls] = inspect.getsource(cls._reconstruct_attention)
+        except (OSError, TypeError):
+            _SOURCES[cls] = None
+    return _SOURCES[cls]
 
 
 def _model_type(model) -> str:
