@@ -60,7 +60,7 @@ def row_of(name: str):
 
 
 CHECKED_HERE = [name for name in BUILDERS if row_of(name) is None or row_of(name).test == "tests/test_architectures.py"]
-VERIFIED = [name for name in CHECKED_HERE if row_of(name) is not None and row_of(name).verified]
+VERIFIED = [name for name in CHECKED_HERE if row_of(name) is not None and row_of(name).refusal_here() is None]
 REFUSED = [name for name in CHECKED_HERE if name not in VERIFIED]
 
 
@@ -292,3 +292,41 @@ def test_compatibility_mode_gives_the_same_maps_and_conserves(name, float64_thro
     for method in RULE_METHODS:
         c = lp.explain(processed, TOKENS, target_for(processed), method=method).conservation()
         assert float((c.other_absorbed / c.target_value).abs().max()) < 1e-8, method
+
+
+# ---------------------------------------------------------------------------------- RoPE table layout
+def test_rope_layout_is_read_from_the_tables_the_forward_used(monkeypatch):
+    """Cohere's config claims rotate-half, its tables pair adjacent channels: the per-layer table
+    split follows the tables (it adds up to the sink), and a layout they contradict is refused."""
+    from lens_palrp.positional.rope import Rotary
+
+    if "cohere" not in VERIFIED:
+        pytest.skip("Cohere is refused with this TransformerLens")
+    _, bridge = bridge_of("cohere", biases=False)
+    assert not family_for(bridge).rotary_adjacent_pairs  # what the bridge's config says
+    seen = {}
+    original = Rotary.layer_reductions
+
+    def spy(self, positional):
+        seen.update(adjacent=dict(self.adjacent), tables={l: (self.cos[l] + self.sin[l]).sum(-1) for l in self.cos})
+        return original(self, positional)
+
+    monkeypatch.setattr(Rotary, "layer_reductions", spy)
+    attr = lp.explain(bridge, TOKENS, TARGET)
+    assert seen["adjacent"] == {0: True, 1: True}
+    for layer in range(2):
+        torch.testing.assert_close(seen["tables"][layer], attr.positional.sum(2)[:, layer], rtol=1e-9, atol=1e-12)
+    monkeypatch.setattr(Rotary, "_layout", lambda self, cos, layer: False)  # the config's claim
+    with pytest.raises(NotImplementedError, match="RoPE tables do not rebuild the rotated query/key"):
+        lp.explain(bridge, TOKENS, TARGET)
+
+
+def test_rope_tables_in_no_known_layout_are_refused():
+    _, bridge = bridge_of("llama", biases=False)
+    point = family_for(bridge).hook_points()["blocks.0.attn.hook_cos"]
+    point.add_hook(lambda act, hook: act.flip(-1) * torch.linspace(0.5, 1.0, act.shape[-1], dtype=act.dtype))
+    try:
+        with pytest.raises(NotImplementedError, match="pairs its channels neither by halves nor by adjacent pairs"):
+            lp.explain(bridge, TOKENS, TARGET, attention="eager")
+    finally:
+        point.remove_hooks("fwd")

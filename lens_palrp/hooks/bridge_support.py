@@ -23,10 +23,22 @@ class ArchitectureSupport:
     refused: Optional[str] = None  # None: verified; else why it is refused
     notes: str = ""  # what the row covers beyond the plain decoder
     test: str = "tests/test_architectures.py"  # where its checks run (beside the per-family tests)
+    # the oldest TransformerLens whose bridge of it was verified, and what goes wrong before it
+    min_transformer_lens: Optional[Tuple[int, int]] = None
+    older_bridge_problem: str = ""
 
     @property
     def verified(self) -> bool:
         return self.refused is None
+
+    def refusal_here(self) -> Optional[str]:
+        """Why it is refused with the installed TransformerLens, or None."""
+        if self.refused:
+            return self.refused
+        if self.min_transformer_lens and transformer_lens_version() < self.min_transformer_lens:
+            wanted = ".".join(map(str, self.min_transformer_lens))
+            return f"TransformerLens < {wanted}: {self.older_bridge_problem}; use TransformerLens >= {wanted}"
+        return None
 
     def markdown(self) -> str:
         """This row as the README's table writes it."""
@@ -58,16 +70,37 @@ ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
     ArchitectureSupport("GPT-J", ("gptj",), "RoPE (adjacent pairs, partial)",
                         notes="rotation inside Hugging Face's attention, rebuilt; parallel attention + MLP"),
     ArchitectureSupport("OPT", ("opt",), "learned absolute (offset 2)", notes="float32 eager softmax in Hugging Face"),
+    ArchitectureSupport("StableLM", ("stablelm",), "RoPE (partial)", notes="LayerNorm, q/k/v biases"),
+    ArchitectureSupport("Starcoder2", ("starcoder2",), "RoPE", notes="LayerNorm, biases, sliding window"),
+    ArchitectureSupport("Granite", ("granite",), "RoPE",
+                        notes="embedding, residual, attention and logit multipliers"),
+    ArchitectureSupport("GPT-BigCode / StarCoder", ("gpt_bigcode",), "learned absolute", notes="multi-query attention"),
+    ArchitectureSupport("Cohere", ("cohere",), "RoPE (adjacent pairs)",
+                        notes="parallel attention + MLP, logit scale; the table layout read from the observed "
+                              "tables; TransformerLens >= 4.3",
+                        min_transformer_lens=(4, 3),
+                        older_bridge_problem="its Cohere bridge computes other logits than the Hugging Face model "
+                                             "it wraps"),
+    ArchitectureSupport("Qwen2-MoE", ("qwen2_moe",), "RoPE",
+                        refused="its shared expert (a gated dense MLP beside the routed ones) has no rebuilt rule yet"),
     ArchitectureSupport("GPT-2", ("gpt2",), "learned absolute", notes="biases, LayerNorm"),
     ArchitectureSupport("BLOOM", ("bloom",), "ALiBi", notes="embedding LayerNorm"),
     ArchitectureSupport("BERT", ("bert",), "learned absolute + token type",
                         notes="bidirectional; hidden-state targets (lp.at_hook)"),
     ArchitectureSupport("MPT", ("mpt",), "ALiBi",
-                        refused="its ALiBi bias is added in a form lens_palrp does not rebuild (verified ALiBi: BLOOM's)"),
+                        refused="ALiBi attention of 'mpt': its bias is added in a form lens_palrp does not rebuild "
+                        "(verified ALiBi: BLOOM's)"),
     ArchitectureSupport("T5", ("t5",), "relative position bias (its own sink)",
                         notes="encoder-decoder (decoder_input=); TransformerLens >= 4.3",
                         test="tests/test_bridge_t5.py"),
 )
+
+
+def transformer_lens_version() -> Tuple[int, int]:
+    from importlib.metadata import version
+
+    major, minor = (version("transformer-lens").split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def support_for(model_type: str) -> Optional[ArchitectureSupport]:
@@ -75,7 +108,8 @@ def support_for(model_type: str) -> Optional[ArchitectureSupport]:
 
 
 def verified_model_types() -> Tuple[str, ...]:
-    return tuple(t for row in ARCHITECTURES if row.verified for t in row.model_types)
+    """Verified with the installed TransformerLens."""
+    return tuple(t for row in ARCHITECTURES if row.refusal_here() is None for t in row.model_types)
 
 
 _BY_TYPE: Dict[str, ArchitectureSupport] = {t: row for row in ARCHITECTURES for t in row.model_types}

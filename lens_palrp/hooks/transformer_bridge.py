@@ -257,6 +257,11 @@ class TransformerBridgeFamily(TransformerLensFamily):
 
     def check_supported(self) -> None:
         cfg = self.cfg
+        row = support_for(self._model_type())
+        refusal = row.refusal_here() if row is not None else None
+        if row is not None and refusal:  # a known refusal of the coverage table: no opt-in explains it
+            raise NotImplementedError(
+                f"lens_palrp cannot explain {row.name} ({self._model_type()!r}) on a TransformerBridge: {refusal}")
         moe = bridge_moe.moe_refusal(self.model)
         unsupported = {
             self._alibi_refusal(): cfg.positional_embedding_type == "alibi" and not self._verified_alibi(),
@@ -271,7 +276,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
         bad = [str(name) for name, hit in unsupported.items() if hit]
         if bad:
             raise NotImplementedError(
-                "lens_palrp cannot explain this TransformerBridge yet: " + "; ".join(bad)
+                f"lens_palrp cannot explain this TransformerBridge of {self._model_type()!r} yet: " + "; ".join(bad)
             )
         self._check_verified()  # after the hard refusals: no "unverified" warning before one
         for layer in range(cfg.n_layers):
@@ -346,10 +351,6 @@ class TransformerBridgeFamily(TransformerLensFamily):
     def _check_verified(self) -> None:
         hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
         model_type = self._model_type()
-        row = support_for(model_type)
-        if row is not None and row.refused:  # known not to work: no opt-in explains it
-            raise NotImplementedError(
-                f"lens_palrp cannot explain {row.name} ({model_type!r}) on a TransformerBridge: {row.refused}")
         if model_type in VERIFIED_ARCHITECTURES:
             return
         architectures = getattr(hf_config, "architectures", None) or []

@@ -27,6 +27,7 @@ class Rotary(PositionalEncoding):
         self.sin: Dict[int, Tensor] = {}
         self.tables: Dict[int, Tuple[Tensor, Tensor]] = {}  # cos, sin as the forward used them
         self._observed_cos: Dict[int, Tensor] = {}
+        self.adjacent: Dict[int, bool] = {}  # per layer: the pair layout the observed tables show
         self.key_rule = sweep.method.rule(Role.ROT_K)
         # keys read by several query heads: the key side is credited per query head, from the
         # score gradients (eager attention) or from a fused kernel's per-head key gradient
@@ -41,6 +42,7 @@ class Rotary(PositionalEncoding):
         role, layer = site.role, site.layer
         if role is Role.ROPE_COS:  # tables observed where the forward uses them (bridges)
             self._observed_cos[layer] = self._full_width(out.detach())[:, :, None, :]
+            self.adjacent[layer] = self._layout(self._observed_cos[layer], layer)
         elif role is Role.ROPE_SIN:
             self.tables[layer] = (self._observed_cos.pop(layer), self._full_width(out.detach())[:, :, None, :])
         elif role in (Role.ROT_Q, Role.ROT_K) and site.rule.splits_rotation:
@@ -48,6 +50,20 @@ class Rotary(PositionalEncoding):
                 return  # credited per query head in at_scores / at_key_gradient
             kept = site.rule.rotation_share
             self.sweep.observe(out, lambda y, g: self._sink(layer, y, share * g, kept))
+
+    def _layout(self, cos: Tensor, layer: int) -> bool:
+        """Whether a table pairs adjacent channels (``c0 c0 c1 c1 ...``, GPT-J, Cohere) rather than
+        the two halves (``c0 c1 ... c0 c1 ...``): read from the table the forward used, since a
+        bridge's config need not say (Cohere's claims halves). Both at once (position 0 only):
+        either layout gives the same split; neither: a layout the rules do not know."""
+        rd = cos.shape[-1]
+        halves = torch.equal(cos[..., : rd // 2], cos[..., rd // 2:])
+        pairs = torch.equal(cos[..., 0::2], cos[..., 1::2])
+        if not (halves or pairs):
+            raise NotImplementedError(
+                f"layer {layer}: the RoPE cos table pairs its channels neither by halves nor by adjacent "
+                "pairs; lens_palrp cannot split its relevance")
+        return pairs and not halves
 
     def _full_width(self, table: Tensor) -> Tensor:
         """GPT-OSS's bridge observes half-width tables (one entry per channel pair) and duplicates
@@ -85,9 +101,21 @@ class Rotary(PositionalEncoding):
             cos, sin = fam.rotary_tables(layer, self.sweep.n_pos, self.sweep.attention_mask)
             self.tables[layer] = (cos.to(g.dtype), sin.to(g.dtype))
         cos, sin = (t.to(g.dtype) for t in self.tables[layer])
-        c, s = rope_table_relevance(y, g, cos, sin, fam.rotary_adjacent_pairs, head_dim=2)
+        c, s = rope_table_relevance(y, g, cos, sin, self.adjacent.get(layer, fam.rotary_adjacent_pairs), head_dim=2)
+        self._check_tables(layer, c + s, (y * g).sum(2))
         self.cos[layer] = self.cos.get(layer, 0) + kept * c
         self.sin[layer] = self.sin.get(layer, 0) + kept * s
+
+    @staticmethod
+    def _check_tables(layer: int, tables: Tensor, sink: Tensor) -> None:
+        """The cos and sin terms add up to the rotated product channel by channel exactly when the
+        tables pair the channels as the rotation did; otherwise the per-layer table maps of
+        ``combined()`` would be silently wrong."""
+        scale = float(sink.abs().sum()) + torch.finfo(sink.dtype).tiny
+        if float((tables - sink).abs().sum()) > 1e3 * torch.finfo(sink.dtype).eps * scale:
+            raise NotImplementedError(
+                f"layer {layer}: the RoPE tables do not rebuild the rotated query/key (pair layout or "
+                "rotated width differs from the rotation the model applied)")
 
     def layer_reductions(self, positional: Tensor) -> Tuple[Tensor, Tensor]:
         positive, absolute = super().layer_reductions(positional)
