@@ -19,7 +19,7 @@ A variant is a new map, registered under a name and then used like the built-in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional
 
