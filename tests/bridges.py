@@ -91,3 +91,29 @@ def tiny_bloom(folder, n_heads=4, biases=True):
             else:
                 p.normal_(0, 0.3)
     return hf, boot(save_with_tokenizer(hf, folder))
+
+
+def softmax_in_float64(monkeypatch):
+    """Attention (and router) softmaxes that TransformerLens or Hugging Face take in float32 whatever
+    the model's dtype run in float64 for a float64 input (nothing else changes): that rounding caps a
+    float64 model's conservation at ~1e-7 of the logit, and the tests of the rules look past it."""
+    original = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        if dtype == torch.float32 and input.dtype == torch.float64:
+            dtype = None
+        return original(input, dim=dim, dtype=dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
+
+
+def bridge_from_model(hf):
+    """A float64 bridge around the Hugging Face model object ``hf`` (the zoo's tokenizer)."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lp.models.bridge_from_hf(hf, tokenizer, dtype=torch.float64)

@@ -21,6 +21,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def float64_softmax(monkeypatch):
+    """``bridges.softmax_in_float64`` for the test."""
+    from bridges import softmax_in_float64
+
+    softmax_in_float64(monkeypatch)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     """The device a test runs on: ``"cpu"``, and ``"cuda"`` (marked ``gpu``) where there is one."""

@@ -27,6 +27,7 @@ import torch
 
 import lens_palrp as lp
 from architectures import BUILDERS, MODEL_TYPE, build
+from bridges import softmax_in_float64
 from lens_palrp.hooks import family_for
 from lens_palrp.hooks.bridge_support import ARCHITECTURES, support_for
 from lens_palrp.roles import Role
@@ -96,17 +97,14 @@ def float64_throughout(monkeypatch):
     """The model's float64 kept where Hugging Face or the bridge compute in float32 on purpose
     (the attention softmax, RMSNorm, rotary tables): with those roundings (~1e-6 of the logit)
     gone, what remains of a difference is the rules'. Only float64 tensors are affected."""
-    softmax, to, as_float = torch.nn.functional.softmax, torch.Tensor.to, torch.Tensor.float
-
-    def softmax64(input, dim=None, _stacklevel=3, dtype=None):
-        return softmax(input, dim=dim, dtype=None if dtype == torch.float32 and input.dtype == torch.float64 else dtype)
+    to, as_float = torch.Tensor.to, torch.Tensor.float
+    softmax_in_float64(monkeypatch)
 
     def to64(self, *args, **kwargs):
         if self.dtype == torch.float64 and (args[:1] == (torch.float32,) or kwargs.get("dtype") == torch.float32):
             return self
         return to(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
     monkeypatch.setattr(torch.Tensor, "to", to64)
     monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self if self.dtype == torch.float64 else as_float(self, *a, **k))
 

@@ -9,7 +9,6 @@ the logits' own gradient, so its float32 softmax does not break the bookkeeping.
 """
 
 import sys
-import warnings
 
 import pytest
 import torch
@@ -22,19 +21,14 @@ from lens_palrp.roles import Role
 pytest.importorskip("transformer_lens.model_bridge")
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from architectures import build  # noqa: E402
+from bridges import bridge_from_model  # noqa: E402
 
 MOE = ["mixtral", "qwen3_moe", "gpt_oss"]
 TOKENS = torch.randint(2, 18, (2, 9), generator=torch.Generator().manual_seed(5))
 TARGET = 3
 
 
-def bridge_of(hf):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(lp.zoo.TOKENIZER_DIR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return lp.models.bridge_from_hf(hf, tok, dtype=torch.float64)
+bridge_of = bridge_from_model
 
 
 def eager_build(name):
@@ -50,18 +44,6 @@ def moe(request):
     hf = eager_build(request.param)
     return request.param, hf, bridge_of(hf)
 
-
-@pytest.fixture
-def float64_softmax(monkeypatch):
-    """Softmaxes that upcast a float64 input to float32 run in float64 (nothing else changes)."""
-    original = torch.nn.functional.softmax
-
-    def softmax(input, dim=None, _stacklevel=3, dtype=None):
-        if dtype == torch.float32 and input.dtype == torch.float64:
-            dtype = torch.float64
-        return original(input, dim=dim, dtype=dtype)
-
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
 
 
 # ------------------------------------------------------------------------- closed forms

@@ -15,6 +15,7 @@ import torch
 
 import lens_palrp as lp
 from architectures import COMMON, build
+from bridges import softmax_in_float64
 from padding import ROWS, assert_rows_equal_single_runs, pad
 from lens_palrp.hooks import family_for
 from lens_palrp.hooks.bridge_parallel import rotation_hooks_missing
@@ -53,25 +54,6 @@ def bridge_of(arch, biases=False):
     return _BRIDGES[key]
 
 
-def softmax_in_float64(monkeypatch):
-    """Phi's eager attention (``PositionEmbeddingsAttentionBridge``) takes the softmax in float32
-    whatever the model's dtype (TransformerLens 3.9 and 4.3 alike, in different code), which caps
-    a float64 model's conservation at ~1e-7 of the logit. This makes a float32 softmax of float64
-    scores a float64 one (nothing else changes). The joint-qkv attention and the fused kernel take
-    it in float64 already."""
-    original = torch.nn.functional.softmax
-
-    def softmax(x, dim=None, _stacklevel=3, dtype=None):
-        if dtype == torch.float32 and x.dtype == torch.float64:
-            dtype = None
-        return original(x, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
-
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
-
-
-@pytest.fixture
-def float64_softmax(monkeypatch):
-    softmax_in_float64(monkeypatch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -22,6 +22,7 @@ import torch
 
 import lens_palrp as lp
 from architectures import build
+from bridges import bridge_from_model
 from lens_palrp.hooks import bridge_positions, family_for
 from lens_palrp.roles import Role
 
@@ -33,13 +34,7 @@ TOKENS = torch.randint(2, 18, (2, 9), generator=torch.Generator().manual_seed(5)
 TARGET = 3
 
 
-def bridge_of(hf):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(lp.zoo.TOKENIZER_DIR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return lp.models.bridge_from_hf(hf, tokenizer, dtype=torch.float64)
+bridge_of = bridge_from_model
 
 
 @pytest.fixture(scope="module")

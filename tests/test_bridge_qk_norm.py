@@ -45,18 +45,6 @@ def arch(request):
     return (request.param, *bridge_of(request.param))
 
 
-@pytest.fixture
-def float64_softmax(monkeypatch):
-    """The attention softmax in float64 where the bridge asks for float32 (nothing else changes)."""
-    softmax = torch.nn.functional.softmax
-
-    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
-        if dtype == torch.float32 and x.dtype == torch.float64:
-            dtype = None
-        return softmax(x, dim=dim, dtype=dtype)
-
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
-
 
 def qk_norms(bridge):
     return [getattr(block.attn.original_component, n) for block in bridge.blocks for n in ("q_norm", "k_norm")]

@@ -53,18 +53,6 @@ def target(gemma2):
     return int(raw.abs().argmax())
 
 
-@pytest.fixture
-def float64_softmax(monkeypatch):
-    """The attention softmax in float64 where the bridge asks for float32 (nothing else changes)."""
-    softmax = torch.nn.functional.softmax
-
-    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
-        if dtype == torch.float32 and x.dtype == torch.float64:
-            dtype = None
-        return softmax(x, dim=dim, dtype=dtype)
-
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
-
 
 def gap(attr):
     c = attr.conservation()
