@@ -147,14 +147,7 @@ def _rebuilt_forward(block, layer: int, family, sweep):
         logits, weights, indices = router(x)
         weights = _measured_router(sweep, layer, batch, logits, weights)
         out = torch.zeros_like(x)
-        with torch.no_grad():
-            mask = F.one_hot(indices, num_classes=n_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert in hit:
-            expert = expert[0]
-            if expert == n_experts:
-                continue
-            slot, token = torch.where(mask[expert])
+        for expert, slot, token in _routed(indices, n_experts):
             gate, up = F.linear(x[token], experts.gate_up_proj[expert]).chunk(2, dim=-1)
             name = f"blocks.{layer}.mlp.experts.{int(expert)}"
             product = experts.act_fn(gate) * up
@@ -176,6 +169,19 @@ def _rebuilt_forward(block, layer: int, family, sweep):
     return forward
 
 
+def _routed(indices: Tensor, n_experts: int):
+    """``(expert, slot, token)`` for each expert some token was routed to, in the order of Hugging
+    Face's eager expert loop (index ``n_experts``: no expert)."""
+    with torch.no_grad():
+        mask = F.one_hot(indices, num_classes=n_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for (expert,) in hit:
+        if expert == n_experts:
+            continue
+        slot, token = torch.where(mask[expert])
+        yield expert, slot, token
+
+
 def _gpt_oss_forward(block, layer: int, family, sweep):
     """``GptOssMLP.forward`` (its eager expert loop) op for op, with the rules: each expert's
     ``(clamp(up) + 1) * glu(clamp(gate))`` under ``rules.offset_gated_product`` with the shares of
@@ -194,14 +200,7 @@ def _gpt_oss_forward(block, layer: int, family, sweep):
         logits, scores, indices = router(x)
         weights = _measured_router(sweep, layer, batch, logits, scores)
         out = torch.zeros_like(x, dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            mask = F.one_hot(indices, num_classes=n_experts).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert in hit:
-            expert = expert[0]
-            if expert == n_experts:
-                continue
-            slot, token = torch.where(mask[expert])
+        for expert, slot, token in _routed(indices, n_experts):
             gate_up = x[token] @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert]
             gate_pre, up_pre = gate_up[..., ::2], gate_up[..., 1::2]
             gate = gate_pre.clamp(min=None, max=limit)
