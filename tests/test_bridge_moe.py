@@ -133,18 +133,13 @@ def test_the_rewritten_block_computes_the_models_value_and_is_removed(moe):
     assert all("forward" not in b.mlp.original_component.__dict__ for b in bridge.blocks)
 
 
-def test_every_hook_the_sweep_patches_is_in_the_computation_path(moe):
+def test_the_moe_blocks_in_and_out_get_no_dense_mlp_role(moe):
+    """The MoEBridge's ``hook_pre`` / ``hook_post`` are the block's input and output, not a dense
+    MLP's pre-activation and activation (every other rule site is shown in the path by
+    ``tests/test_architectures.py``)."""
     name, _, bridge = moe
     roles = family_for(bridge).hook_roles()
     assert not [n for n in roles if ".mlp." in n], "the MoEBridge's hook_pre/hook_post are its in/out"
-    observers = {Role.RESID_FINAL, Role.ROPE_COS, Role.ROPE_SIN}
-    with torch.no_grad():
-        base = bridge(TOKENS)
-        for hook, role in roles.items():
-            if role.role in observers:
-                continue
-            out = bridge.run_with_hooks(TOKENS, fwd_hooks=[(hook, lambda a, hook: a * 1.3 + 0.05)])
-            assert float((out - base).abs().max()) > 1e-8, (name, hook)
 
 
 # ------------------------------------------------------------------------- the acceptance bar
