@@ -16,7 +16,6 @@ import torch
 import lens_palrp as lp
 from lens_palrp import rules
 from lens_palrp.hooks import bridge_moe, family_for
-from lens_palrp.roles import Role
 
 pytest.importorskip("transformer_lens.model_bridge")
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
