@@ -96,8 +96,8 @@ class Sweep:
         self._z_shares: Dict[int, float] = {}
         self._site_out: Optional[Tensor] = None  # the hook point being run, and what observes it
         self._site_callbacks: List[Callable[[Tensor, Tensor], None]] = []
-        # rule sites whose output took part in autograd in the forward, and those the backward
-        # reached: a difference is a hook point off the computation path (``off_path``)
+        # rule sites the forward ran, those whose output took part in autograd, and those the
+        # backward reached (``never_ran``, ``unreached``)
         self.checking_path = False  # set for the pass that checks every rule site is in the path
         self._ran: Set[str] = set()
         self._fired: Set[str] = set()

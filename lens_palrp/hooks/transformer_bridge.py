@@ -42,16 +42,18 @@ eager attention) and OLMo (LayerNorm without weight or bias) have their specific
 ``lens_palrp.hooks.bridge_positions``.
 
 Not yet supported on the bridge (``NotImplementedError``): ALiBi other than BLOOM's (MPT, Falcon
-with ``alibi=True``: their bias is added elsewhere and unverified), adjacent-pair RoPE in the bridge's own attention
-(``rotary_adjacent_pairs``; GPT-J's, inside Hugging Face, is rebuilt).
+with ``alibi=True``: their bias is added elsewhere and unverified), adjacent-pair RoPE in the
+bridge's own attention (``rotary_adjacent_pairs``; GPT-J's, inside Hugging Face, is rebuilt).
 
 Only architectures whose maps were checked (conservation on bias-free weights, agreement with
 HookedTransformer or an independent implementation) are explained: a bridge of any other Hugging
 Face ``model_type`` is refused, naming it, unless the caller opts in (``explain(...,
 allow_unverified=True)`` or ``with lp.unverified_architectures():``). A bridge's adapter can
 compute something other than what its hook names promise (GPT-NeoX, Phi-3 and Falcon create
-``hook_rot_q`` / ``hook_rot_k`` and never call them: ``bridge_parallel.py`` puts them into the path),
-which no generic check catches.
+``hook_rot_q`` / ``hook_rot_k`` and never call them: ``bridge_parallel.py`` puts them into the path).
+The engine refuses a map with a rule site the forward never ran, and for an unverified architecture
+one the backward never reaches; what a hook computes in place of its name, only the per-architecture
+tests (``tests/test_architectures.py``) catch.
 """
 
 from __future__ import annotations
