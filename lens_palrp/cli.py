@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--top", type=_positive_int, default=5, help="how many tokens to list (default 5)")
     ex.add_argument("--allow-unverified", action="store_true",
                     help="explain a TransformerBridge of an architecture lens_palrp has not verified "
-                    "(its maps are unchecked; a warning says so)")
+                    "(refused if a rule's hook point is off the computation path; otherwise its maps are "
+                    "unverified, and a warning says so)")
     ex.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto",
                     help="attention through the fused kernel where possible (auto, default), always, or eager")
     ex.add_argument("--checkpoint", action="store_true",
@@ -138,7 +139,7 @@ def _check_verified(model, allowed: bool) -> None:
         raise CliError(
             f"lens_palrp has not verified TransformerBridge maps for the architecture {model_type!r} "
             f"(verified: {', '.join(sorted(VERIFIED_ARCHITECTURES))}); pass --allow-unverified to explain "
-            "it anyway, unchecked"
+            "it anyway (its rule sites are checked to be in the computation path, its maps are not verified)"
         )
 
 

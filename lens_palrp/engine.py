@@ -419,7 +419,9 @@ def explain(
             attribution-patching style estimates, see ``lens_palrp.analyses.relevance_patching``).
         allow_unverified: explain a TransformerBridge whose architecture is not among the
             verified ones (``lens_palrp.hooks.transformer_bridge.VERIFIED_ARCHITECTURES``); the
-            maps are then unchecked, and a warning says so.
+            maps are then unverified, and a warning says so; it is still refused where a hook point
+            the rules patch is not run or not in the computation path (one extra gradient x input
+            pass checks it).
         attention: ``"auto"`` (default): attention runs through PyTorch's fused kernel wherever
             the method, the positional encoding, the records and the model allow it (no
             ``[query, key]`` tensor is formed or kept; ``lens_palrp.canonizers.FusedAttention``),

@@ -360,7 +360,7 @@ class TransformerBridgeFamily(TransformerLensFamily):
         if not _ALLOW_UNVERIFIED.get():
             raise NotImplementedError(
                 f"lens_palrp has not verified TransformerBridge maps for the architecture {named}; "
-                f"verified: {', '.join(sorted(VERIFIED_ARCHITECTURES))}. To explain it anyway, unchecked, "
+                f"verified: {', '.join(sorted(VERIFIED_ARCHITECTURES))}. To explain it anyway (its rule sites are checked to be in the computation path, its maps are not verified), "
                 "pass allow_unverified=True to explain (or use `with lp.unverified_architectures():`)"
             )
         self.unverified = True
