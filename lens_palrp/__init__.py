@@ -6,6 +6,7 @@
 """
 
 from lens_palrp.engine import explain, rule_sites
+from lens_palrp.dataset import DatasetAttribution, explain_dataset
 from lens_palrp.hooks import unverified_architectures
 from lens_palrp.methods import METHODS, Method, register_method
 from lens_palrp.result import Attribution, Conservation
@@ -14,4 +15,4 @@ from lens_palrp.targets import at_hook
 from lens_palrp import models, zoo
 
 __version__ = "0.1.0"
-__all__ = ["explain", "explain_similarity", "at_hook", "unverified_architectures", "Attribution", "Conservation", "METHODS", "Method", "register_method", "rule_sites", "zoo", "models", "__version__"]
+__all__ = ["explain", "explain_dataset", "DatasetAttribution", "explain_similarity", "at_hook", "unverified_architectures", "Attribution", "Conservation", "METHODS", "Method", "register_method", "rule_sites", "zoo", "models", "__version__"]
