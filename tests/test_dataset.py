@@ -115,3 +115,15 @@ def test_bad_arguments(zoo, tmp_path):
     assert os.path.isfile(os.path.join(res.path, RUN_FILE))
     with pytest.raises(IndexError, match="out of range"):
         res[3]
+
+
+def test_string_prompts_string_targets_and_records(zoo, tmp_path):
+    prompts = ["c h a p k b e g", "a b c d a b", "k e g c h a p k b"]
+    targets = ["k", "c", "e"]
+    record = ["blocks.0.attn.hook_z"]
+    res = lp.explain_dataset(zoo, prompts, targets, record=record, out=str(tmp_path), batch_size=2, progress=False)
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        a, b = res[i], lp.explain(zoo, prompt, target, record=record)
+        n = b.semantic.shape[1]
+        torch.testing.assert_close(a.semantic[0, :n], b.semantic[0], **TOL)
+        torch.testing.assert_close(a.hooks[record[0]][0, :n], b.hooks[record[0]][0], **TOL)
