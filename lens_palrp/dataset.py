@@ -172,6 +172,33 @@ class DatasetAttribution:
             if os.path.exists(_shard(self.path, k)):
                 yield self.shard(k)
 
+    # -- dataset-level statistics (lens_palrp.analyses.dataset_stats) ---------------------------
+    def stats(self, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95):
+        """Mean and spread over the explained prompts of the per-head positional and semantic
+        relevance, per-layer shares, relevance by query-minus-key distance, and per-head bootstrap
+        intervals: one pass over the shards, one batch in memory at a time; kept once computed."""
+        key = (n_boot, seed, confidence, len(self) - len(self.missing))
+        if self._stats is None or self._stats[0] != key:
+            from lens_palrp.analyses.dataset_stats import collect
+
+            self._stats = (key, collect(self.batches(), n_boot=n_boot, seed=seed, confidence=confidence))
+        return self._stats[1]
+
+    def top_heads(self, k: int = 10, which: str = "positional", n_boot: int = 1000, seed: int = 0,
+                  confidence: float = 0.95):
+        """The ``k`` heads with the largest mean relevance over prompts (``"positional"`` or
+        ``"semantic"``), each ``{layer, head, mean, low, high}`` with its bootstrap interval."""
+        from lens_palrp.analyses.dataset_stats import top_heads
+
+        return top_heads(self.stats(n_boot=0), k=k, which=which, n_boot=n_boot, seed=seed, confidence=confidence)
+
+    def report(self, path: str, title: Optional[str] = None, k: int = 10) -> str:
+        """The dataset figures (mean per-head positional and semantic maps, layer shares,
+        relevance by distance, top heads with intervals) in one HTML page; returns ``path``."""
+        from lens_palrp.analyses.dataset_stats import dataset_report
+
+        return dataset_report(self.stats(), path, title=title, k=k)
+
     def __repr__(self) -> str:
         done = len(self) - len(self.missing)
         return f"DatasetAttribution({self.path!r}, method={self.method!r}, prompts={len(self)}, explained={done})"
