@@ -127,3 +127,24 @@ def test_string_prompts_string_targets_and_records(zoo, tmp_path):
         n = b.semantic.shape[1]
         torch.testing.assert_close(a.semantic[0, :n], b.semantic[0], **TOL)
         torch.testing.assert_close(a.hooks[record[0]][0, :n], b.hooks[record[0]][0], **TOL)
+
+
+def test_dataset_statistics_read_the_shards(zoo, tmp_path):
+    """The DatasetAttribution's statistics are analyses.dataset_stats over its shards (one pass),
+    equal to collecting the same prompts' single-run explanations; the report writes."""
+    from lens_palrp.analyses import collect
+
+    res = lp.explain_dataset(zoo, PROMPTS, TARGETS, out=str(tmp_path), batch_size=4, progress=False)
+    singles = (lp.explain(zoo, torch.tensor([p]), t) for p, t in zip(PROMPTS, TARGETS))
+    reference = collect(singles, n_boot=0)
+    stats = res.stats(n_boot=0)
+    assert stats.n == len(PROMPTS)
+    order = [i for rows in res.plan for i in rows]  # the shards hold the prompts in plan order
+    torch.testing.assert_close(stats.positional_per_prompt, reference.positional_per_prompt[order], rtol=1e-4,
+                               atol=1e-6)
+    torch.testing.assert_close(stats.positional_mean, reference.positional_mean, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats.by_distance_mean, reference.by_distance_mean, rtol=1e-4, atol=1e-6)
+    top = res.top_heads(k=3, n_boot=200)
+    assert len(top) == 3 and all(h["low"] <= h["mean"] <= h["high"] for h in top)
+    path = res.report(str(tmp_path / "report.html"))
+    assert os.path.getsize(path) > 0

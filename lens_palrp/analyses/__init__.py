@@ -2,6 +2,17 @@
 ``*_data`` twin returning its numbers)."""
 
 from lens_palrp.analyses import faithfulness
+from lens_palrp.analyses.dataset_stats import (
+    DatasetStats,
+    collect,
+    dataset_distance_figure,
+    dataset_figures,
+    dataset_layer_share_figure,
+    dataset_positional_heads_figure,
+    dataset_report,
+    dataset_top_heads_figure,
+    top_heads,
+)
 from lens_palrp.analyses.faithfulness import ground_truth_scores, perturbation_test, relevance_maps
 from lens_palrp.analyses.patching import (
     PatchingComparison,
@@ -28,6 +39,8 @@ from lens_palrp.analyses.plots import (
 )
 
 __all__ = [
+    "DatasetStats", "collect", "dataset_distance_figure", "dataset_figures", "dataset_layer_share_figure",
+    "dataset_positional_heads_figure", "dataset_report", "dataset_top_heads_figure", "top_heads",
     "faithfulness", "ground_truth_scores", "perturbation_test", "relevance_maps",
     "PatchingComparison", "activation_patching", "compare_with_patching", "pearson", "relevance_patching", "spearman",
     "heads_data", "heads_figure", "layer_share_data", "layer_share_figure", "positional_heads_data",
