@@ -148,3 +148,18 @@ def test_dataset_statistics_read_the_shards(zoo, tmp_path):
     assert len(top) == 3 and all(h["low"] <= h["mean"] <= h["high"] for h in top)
     path = res.report(str(tmp_path / "report.html"))
     assert os.path.getsize(path) > 0
+
+
+def test_the_dataset_demo_finds_the_tasks_offset(tmp_path):
+    """demos/dataset.py on 48 repeat-back prompts: the top positional head's relevance by distance
+    peaks at the task's offset, 3."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "demos", "dataset.py"), "--prompts", "48",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "peaks at 3 (the task's offset is 3)" in run.stdout
+    assert os.path.isfile(tmp_path / "report.html")
