@@ -354,10 +354,14 @@ def _model_name(model) -> str:
 
 
 def _config_digest(model) -> str:
+    """The model's shape, dtype and a fingerprint of its weights (sum and sum of squares of every
+    parameter, in float64): another model of the same name, or other weights, is another run."""
     cfg = getattr(model, "cfg", None)
     facts = {k: getattr(cfg, k, None) for k in ("n_layers", "n_heads", "d_model", "d_head", "d_vocab",
                                                  "positional_embedding_type", "dtype")}
-    return _digest(facts)
+    with torch.no_grad():
+        sums = [(float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()]
+    return _digest(facts, [f"{a:.12g},{b:.12g}" for a, b in sums])
 
 
 def _versions() -> Dict[str, str]:

@@ -102,6 +102,21 @@ def test_a_folder_of_another_run_is_refused(zoo, tmp_path, change):
         lp.explain_dataset(zoo, PROMPTS, out=out, progress=False, **kwargs)
 
 
+def test_a_folder_of_other_weights_is_refused(zoo, tmp_path):
+    out = str(tmp_path)
+    lp.explain_dataset(zoo, PROMPTS, TARGETS, out=out, batch_size=4, progress=False)
+    weight = next(zoo.parameters())
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] += 1.0
+    try:
+        with pytest.raises(ValueError, match="other settings.*model_config"):
+            lp.explain_dataset(zoo, PROMPTS, TARGETS, out=out, batch_size=4, progress=False)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
 def test_bad_arguments(zoo, tmp_path):
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         lp.explain_dataset(zoo, PROMPTS, TARGETS, batch_size=0)
