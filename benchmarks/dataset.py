@@ -77,17 +77,9 @@ DEFAULTS = dict(model=DEFAULT_MODEL, prompts=2048, batch_size=8)
 SEED = 0
 
 
-def _sibling(name: str):
-    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package), loaded once."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-speed = _sibling("speed")
+if HERE not in sys.path:  # benchmarks/ is not a package: speed.py is imported as a top-level module
+    sys.path.insert(0, HERE)
+import speed  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ model, prompts
@@ -399,11 +391,7 @@ def markdown(rows: List[dict], env: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ main
-def _positive_int(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+_positive_int = speed._positive_int
 
 
 def _lengths(text: str) -> Tuple[int, int]:
