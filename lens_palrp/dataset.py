@@ -23,6 +23,7 @@ import os
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -226,15 +227,15 @@ def _columns(prompts, targets, position, prompt_column, target_column, position_
     n = len(prompts)
     if targets is None:
         raise ValueError("targets are needed: one per prompt, one for all, or a target column of the dataset")
-    if isinstance(targets, (list, Tensor)):  # one per prompt (a tuple is one pair for all)
+    if isinstance(targets, (list, Tensor, np.ndarray)):  # one per prompt (a tuple is one pair for all)
         targets = [tuple(t) if isinstance(t, list) else t
-                   for t in (targets.tolist() if isinstance(targets, Tensor) else targets)]
+                   for t in (targets if isinstance(targets, list) else targets.tolist())]
         if len(targets) != n:
             raise ValueError(f"{len(targets)} targets for {n} prompts")
     else:
         targets = [targets] * n
-    if isinstance(position, (list, tuple, Tensor)):
-        position = [int(p) for p in (position.tolist() if isinstance(position, Tensor) else position)]
+    if isinstance(position, (list, tuple, Tensor, np.ndarray)):
+        position = [int(p) for p in (position.tolist() if isinstance(position, (Tensor, np.ndarray)) else position)]
         if len(position) != n:
             raise ValueError(f"{len(position)} positions for {n} prompts")
     else:

@@ -62,6 +62,19 @@ def test_targets_positions_and_methods(zoo, tmp_path):
     assert res.method == "attn_lrp"
 
 
+def test_targets_and_positions_as_tensors_or_arrays(zoo, tmp_path):
+    import numpy as np
+
+    positions = [len(p) - 1 for p in PROMPTS]
+    a = lp.explain_dataset(zoo, PROMPTS, torch.tensor(TARGETS), position=torch.tensor(positions),
+                           out=str(tmp_path / "tensor"), batch_size=5, progress=False)
+    b = lp.explain_dataset(zoo, PROMPTS, np.array(TARGETS), position=np.array(positions),
+                           out=str(tmp_path / "array"), batch_size=5, progress=False)
+    for i in (0, 9):
+        assert_same_as_single_run(a, zoo, i, TARGETS[i])
+        assert torch.equal(a[i].semantic, b[i].semantic)
+
+
 def test_a_hugging_face_dataset_with_prompt_and_target_columns(zoo, tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"ids": PROMPTS, "answer": TARGETS})
