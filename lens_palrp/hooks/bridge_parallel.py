@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 from torch import Tensor
 
 from lens_palrp.canonizers.rotation_hooks import RotationHooksInPath
+from lens_palrp.hooks.bridge_support import bridge_component
 
 JOINT_ROTARY_ATTENTION = "JointQKVPositionEmbeddingsAttentionBridge"
 
@@ -121,18 +122,8 @@ def canonizers(family) -> list:
 
 
 # ------------------------------------------------------------------------------ fused attention
-def _joint_class():
-    try:
-        from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
-            JointQKVPositionEmbeddingsAttentionBridge,
-        )
-    except ImportError:  # pragma: no cover - older TransformerLens
-        return None
-    return JointQKVPositionEmbeddingsAttentionBridge
-
-
 def is_joint_rotary(attn) -> bool:
-    joint = _joint_class()
+    joint = bridge_component("joint_qkv_position_embeddings_attention", "JointQKVPositionEmbeddingsAttentionBridge")
     return joint is not None and type(attn) is joint
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lens_palrp.canonizers.attention_rebuild import RebuildAttention
 from lens_palrp.canonizers.base import Canonizer
+from lens_palrp.hooks.bridge_support import bridge_component
 from lens_palrp.roles import HookRole, Role
 from lens_palrp.rules.functional import rotate_every_two
 
@@ -100,11 +101,8 @@ def canonizers(family) -> List[Canonizer]:
 
 # ------------------------------------------------------------------------- OLMo's LayerNorm
 def _norm_bridges(model):
-    try:
-        from transformer_lens.model_bridge.generalized_components import NormalizationBridge
-    except ImportError:  # pragma: no cover - very old TransformerLens
-        return []
-    return [m for m in model.modules() if isinstance(m, NormalizationBridge)]
+    norm_bridge = bridge_component("normalization", "NormalizationBridge")
+    return [] if norm_bridge is None else [m for m in model.modules() if isinstance(m, norm_bridge)]
 
 
 def _parameter_free(module) -> bool:

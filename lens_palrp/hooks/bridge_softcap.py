@@ -31,17 +31,9 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from lens_palrp.hooks.bridge_support import bridge_component
+
 _QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
-
-
-def _plain_attention_class():
-    try:
-        from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
-            PositionEmbeddingsAttentionBridge,
-        )
-    except ImportError:  # pragma: no cover - older TransformerLens
-        return None
-    return PositionEmbeddingsAttentionBridge
 
 
 def _attentions(family) -> list:
@@ -53,7 +45,7 @@ def softcap_refusal(family, attn_softcap: Optional[float], output_softcap: Optio
     or None. Called from ``check_supported``, before the family's facts are set."""
     problems: List[str] = []
     if attn_softcap is not None:
-        plain = _plain_attention_class()
+        plain = bridge_component("position_embeddings_attention", "PositionEmbeddingsAttentionBridge")
         for layer, attn in enumerate(_attentions(family)):
             if plain is None or attn is None or type(attn).forward is not plain.forward:
                 problems.append(f"attention softcap in {type(attn).__name__} of layer {layer} (verified: "
@@ -84,13 +76,7 @@ def softcap_refusal(family, attn_softcap: Optional[float], output_softcap: Optio
 def qk_norm_refusal(family) -> Optional[str]:
     """Why a q/k norm of the wrapped attention would be differentiated through, or None: each
     must be wrapped by a normalization bridge whose ``hook_scale`` the sweep holds constant."""
-    norm_bridge: Optional[type]
-    try:
-        from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
-
-        norm_bridge = NormalizationBridge
-    except ImportError:  # pragma: no cover - older TransformerLens
-        norm_bridge = None
+    norm_bridge = bridge_component("normalization", "NormalizationBridge")
     points = family.hook_points()
     for layer, attn in enumerate(_attentions(family)):
         hf_attn = getattr(attn, "original_component", None)

@@ -12,7 +12,7 @@ patch is never run or is off the computation path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,18 @@ ARCHITECTURES: Tuple[ArchitectureSupport, ...] = (
                         notes="encoder-decoder (decoder_input=); TransformerLens >= 4.3",
                         test="tests/test_bridge_t5.py"),
 )
+
+
+def bridge_component(module: str, name: str) -> Optional[Any]:
+    """``transformer_lens.model_bridge.generalized_components.<module>.<name>``, or None where this
+    TransformerLens has no such component (the checks that need it then refuse or skip)."""
+    import importlib
+
+    try:
+        found = importlib.import_module(f"transformer_lens.model_bridge.generalized_components.{module}")
+    except ImportError:  # pragma: no cover - older TransformerLens
+        return None
+    return getattr(found, name, None)
 
 
 def transformer_lens_version() -> Tuple[int, int]:

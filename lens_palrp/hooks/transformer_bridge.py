@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.hooks.bridge_softcap import qk_norm_refusal, softcap_refusal
-from lens_palrp.hooks.bridge_support import support_for, verified_model_types
+from lens_palrp.hooks.bridge_support import bridge_component, support_for, verified_model_types
 from lens_palrp.hooks import bridge_moe
 from lens_palrp.hooks import bridge_positions
 from lens_palrp.hooks import bridge_parallel
@@ -160,11 +160,8 @@ class TransformerBridgeFamily(TransformerLensFamily):
         plain path of ``PositionEmbeddingsAttentionBridge.forward`` (Llama, Mistral, Qwen2,
         Gemma, OLMo-2 without q/k norms...): projections, RoPE (full or partial, rotate-half),
         grouped kv heads, Hugging Face's mask, the output projection."""
-        try:
-            from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
-                PositionEmbeddingsAttentionBridge as Plain,
-            )
-        except ImportError:  # pragma: no cover - older TransformerLens
+        Plain = bridge_component("position_embeddings_attention", "PositionEmbeddingsAttentionBridge")
+        if Plain is None:  # pragma: no cover - older TransformerLens
             return "this TransformerLens has no PositionEmbeddingsAttentionBridge"
         attns = [self.attention_module(layer) for layer in range(self.n_layers)]
         if all(bridge_parallel.is_joint_rotary(a) for a in attns):  # GPT-NeoX, Phi-3, Falcon
