@@ -123,6 +123,13 @@ register_method(Method(
      Role.MLP_GATED: rules.GatedShares(0.0, 1.0), Role.MOE_ROUTED: rules.RoutedShares(0.0, 1.0)},
     LEAK, "CP-LRP (Ali et al. 2022): attention pattern, MLP gate and MoE routing weights held constant",
 ))
+register_method(Method(
+    "relp",
+    {**_INPUT_SINKS, Role.NORM_SCALE: rules.ConstantScale(), Role.MLP_POST: rules.IdentityActivation(),
+     Role.MLP_MID: rules.IdentityActivation(), Role.MLP_GATED: rules.GatedShares(0.5, 0.5),
+     Role.MOE_ROUTED: rules.RoutedShares(0.5, 0.5), Role.LOGITS: rules.IdentityOutputSoftcap()},
+    LEAK, "RelP (Jafari et al. 2025): the LayerNorm, identity and half rules only; attention plain gradient",
+))
 register_method(Method("grad_x_input", _INPUT_SINKS, LEAK, "plain gradient x input, no rules"))
 
 
