@@ -44,8 +44,10 @@ def linear_tail_model(attn_only=False):
     """A random float64 HookedTransformer without normalization: the last layer's MLP output (and,
     attention-only, the last layer's head outputs) reach the logits linearly, so attribution
     patching is exact there."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        pytest.skip("no HookedTransformer in this TransformerLens (4.x): the linear-tail model needs one")
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=None if attn_only else 32,
                                   act_fn="gelu", normalization_type=None, d_vocab=12, n_ctx=10,
@@ -150,25 +152,30 @@ def test_grad_estimate_equals_autograd_and_transformer_lens(zoo):
     flat = [n for ns in names.values() for n in ns]
     with torch.no_grad():
         _, cache = zoo.run_with_cache(c, names_filter=flat)
-    acts = {}
+    acts, zeros = {}, {}
 
-    def keep(act, hook):
-        act.retain_grad()
-        acts[hook.name] = act
-        return act
+    def leaf(name):  # act + a zero leaf of our own: the leaf's .grad is the gradient at the hook
+        def add(act, hook):
+            acts[name] = act.detach().clone()
+            zeros[name] = torch.zeros_like(acts[name], requires_grad=True)
+            return act + zeros[name]
+        return add
 
-    with zoo.hooks(fwd_hooks=[(n, keep) for n in flat]):
+    with zoo.hooks(fwd_hooks=[(n, leaf(n)) for n in flat]):
         metric(zoo(k)).sum().backward()
     zoo.zero_grad(set_to_none=True)
-    prod = {n: (cache[n] - acts[n].detach()) * acts[n].grad for n in flat}
+    prod = {n: (cache[n] - acts[n]) * zeros[n].grad for n in flat}
     expected = {
         "heads": torch.stack([prod[n].sum((1, 3)) for n in names["attn.hook_z"]], 1),
         "head_pos": torch.stack([prod[n].sum(3).transpose(1, 2) for n in names["attn.hook_z"]], 1),
         "resid": torch.stack([prod[n].sum(2) for n in names["hook_resid_pre"]], 1),
         "mlp": torch.stack([prod[n].sum((1, 2)) for n in names["hook_mlp_out"]], 1),
     }
+    # under TransformerLens 4 the zoo is a bridge: its eager softmax (the hand-run) is float32
+    tol = dict(rtol=1e-5, atol=1e-6) if lp.hooks.transformer_bridge.is_transformer_bridge(zoo) else \
+        dict(rtol=1e-9, atol=1e-12)
     for comp, want in expected.items():
-        torch.testing.assert_close(rp.scores["grad"][comp], want, rtol=1e-9, atol=1e-12, msg=comp)
+        torch.testing.assert_close(rp.scores["grad"][comp], want.double(), **tol, msg=comp)
     assert not torch.allclose(rp.scores["relp"]["heads"], expected["heads"])  # relp's rules act
     try:
         ap = importlib.import_module("transformer_lens.tools.analysis.attribution_patching")
@@ -180,9 +187,40 @@ def test_grad_estimate_equals_autograd_and_transformer_lens(zoo):
     tl_heads = torch.tensor([[[nodes[ap.Node("attn_head_out", p, l, h)] for p in range(9)] for h in range(4)]
                              for l in range(2)], dtype=torch.float64)
     tl_mlp = torch.tensor([sum(nodes[ap.Node("mlp_out", p, l)] for p in range(9)) for l in range(2)], dtype=torch.float64)
-    torch.testing.assert_close(head_pos, tl_heads, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(rp.scores["grad"]["mlp"].mean(0), tl_mlp, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(head_pos, tl_heads, **tol)
+    torch.testing.assert_close(rp.scores["grad"]["mlp"].mean(0), tl_mlp, **tol)
     assert float(tl_heads.abs().max()) > 1e-3 and mlp_pos.shape == (4, 2)
+
+
+@pytest.mark.parametrize("mode", ["default", "compat"])
+def test_grad_estimate_equals_transformer_lens_attribution_patch_on_a_bridge(tmp_path, mode):
+    """The bridge, in both hook namings, against TransformerLens' ``attribution_patch`` (which
+    targets the bridge): per head and position, and per MLP output."""
+    pytest.importorskip("transformer_lens.model_bridge")
+    try:
+        ap = importlib.import_module("transformer_lens.tools.analysis.attribution_patching")
+    except ImportError:
+        pytest.skip("this TransformerLens ships no attribution_patch")
+    from bridges import tiny_gpt2
+
+    _, bridge = tiny_gpt2(tmp_path)
+    if mode == "compat":
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    clean = ["c h a p k b e g", "a b c d k f g h", "p o n m k l a b"]
+    corrupted = [s.replace("k", "n") for s in clean]
+    metric = an.logit_difference("k", "n", model=bridge)
+    rp = an.relevance_patching(bridge, clean, corrupted, metric, methods=("grad",), components=("mlp", "head_pos"))
+    c, k = bridge.to_tokens(clean), bridge.to_tokens(corrupted)
+    nodes = ap.attribution_patch(bridge, c, k, lambda logits: metric(logits).sum()).node_scores
+    tl_heads = torch.tensor([[[nodes[ap.Node("attn_head_out", p, l, h)] for p in range(9)] for h in range(4)]
+                             for l in range(2)], dtype=torch.float64)
+    tl_mlp = torch.tensor([sum(nodes[ap.Node("mlp_out", p, l)] for p in range(9)) for l in range(2)], dtype=torch.float64)
+    scale = float(tl_heads.abs().max())
+    assert scale > 1e-3
+    # the bridge's eager softmax (TransformerLens' run) is float32; the sweep's fused one float64
+    torch.testing.assert_close(rp.scores["grad"]["head_pos"].mean(0), tl_heads, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(rp.scores["grad"]["mlp"].mean(0), tl_mlp, rtol=1e-5,
+                               atol=1e-6 * float(tl_mlp.abs().max()))
 
 
 def test_reuse_with_other_inputs_model_or_metric_is_refused(zoo, linear_tail):
