@@ -1,48 +1,68 @@
-"""PA-LRP side by side with activation patching, and relevance patching.
+"""Activation patching over a set of prompt pairs, relevance patching, and how well they agree.
 
-* ``compare_with_patching``: TransformerLens activation patching (each head's output at all
-  positions, and the residual stream per layer and position, patched from the clean into the
-  corrupted run) next to the relevance of the same components on the clean run, with Spearman
-  and Pearson correlations.
-* ``relevance_patching``: attribution patching (Nanda 2023) with LRP's modified gradients: the
-  effect of patching a component is estimated as ``(clean - corrupted) . g`` where ``g`` is the
-  gradient of the metric on the corrupted run, plain ("grad") or rule-modified ("attn_lrp",
-  "pa_lrp"; the latter with the RoPE / ALiBi rules, whose positional share never reaches the
-  components). One forward per input and one sweep per method, instead of one forward per patch.
+* ``activation_patching``: the effect on ``metric`` of patching one component from the clean into
+  the corrupted run, for every pair and every component (``PatchingResult``). Our own hooks, on
+  the names the family's role map gives; every pair of a batch in one forward per component.
+* ``relevance_patching``: attribution patching (Nanda 2023) with plain ("grad") or LRP-modified
+  gradients ("relp", "attn_lrp", "pa_lrp"): the effect is estimated as ``(clean - corrupted) . g``
+  with ``g`` the gradient of ``metric`` on the corrupted run. One ``explain`` per method over the
+  whole corrupted batch; activation patching only when asked (``patching=``).
+* ``compare_with_patching``: each method's relevance of the same components on the clean run next
+  to activation patching.
 
-Both run on a HookedTransformer and on a TransformerBridge (TransformerLens 3.9 and 4.x), in the
-bridge's default hook naming and in its compatibility mode. TransformerLens' patching utilities
-patch ``blocks.{l}.attn.hook_z`` and ``blocks.{l}.hook_resid_pre``: on the bridge these names are
-aliases of its own hook points by default (``blocks.{l}.attn.o.hook_in``, ``blocks.{l}.hook_in``)
-and resolve either way, so the utilities are used as they are (checked against patching the
-Hugging Face modules by hand in ``tests/test_analyses_bridge.py``). The gradients are recorded
-at the names the family's role map gives (``layer_hooks``), the hooks the rules sit on. Every
-forward runs in eval mode, as ``explain``'s (``in_eval_mode``).
+Both comparisons return a ``PatchingComparison``: ``agreement()`` (Spearman / Pearson with
+bootstrap intervals over pairs), ``effects()`` (mean effect per component, with intervals),
+``to_frame()`` and ``figure()``. See ``docs/patching.md``.
+
+Components (``COMPONENTS``), each patched at one hook per layer:
+
+* ``heads`` ``[n, layers, heads]``: one head's output (``attn.hook_z``, role ``Z``) at all positions;
+* ``resid`` ``[n, layers, pos]``: the residual stream entering a layer (``hook_resid_pre``) at one position;
+* ``mlp`` ``[n, layers]``: a layer's MLP output (``hook_mlp_out``) at all positions;
+* ``head_pos`` ``[n, layers, heads, pos]``: one head's output at one position.
+
+On a TransformerBridge these HookedTransformer names are aliases of the bridge's own hook points
+and resolve in both hook namings (``tests/test_analyses_bridge.py`` checks the numbers against
+patching the Hugging Face modules by hand). Every forward runs in eval mode (``in_eval_mode``).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 from scipy import stats
 from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
 from lens_palrp.analyses.common import in_eval_mode, layer_hooks
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
-from lens_palrp.roles import Role
 from lens_palrp.inputs import prepare_tokens
+from lens_palrp.roles import Role
+from lens_palrp.targets import takes_positions
+
+COMPONENTS = ("heads", "resid", "mlp", "head_pos")
+POSITIONAL = ("resid", "head_pos")  # indexed by position: not pooled across pairs of other lengths
+HOOK_KIND = {"heads": "z", "head_pos": "z", "resid": "resid_pre", "mlp": "mlp_out"}
+ESTIMATE_METHODS = ("grad", "relp", "attn_lrp", "pa_lrp")
 
 
-def _pair(a: Tensor, b: Tensor):
-    return a.detach().double().flatten().cpu().numpy(), b.detach().double().flatten().cpu().numpy()
+# ---------------------------------------------------------------------------------- correlations
+def _pair(a, b):
+    a = a.detach().double().flatten().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a, float).ravel()
+    b = b.detach().double().flatten().cpu().numpy() if isinstance(b, Tensor) else np.asarray(b, float).ravel()
+    return a, b
 
 
-def _correlation(test, a: Tensor, b: Tensor) -> float:
+def _correlation(test, a, b) -> float:
     """``test(a, b).statistic`` as a float; NaN where it is undefined (fewer than two values, or a
     constant input), silently, as for a constant patching grid."""
     x, y = _pair(a, b)
@@ -62,152 +82,708 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return _correlation(stats.spearmanr, a, b)
 
 
+def _rowwise(kind: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Correlation of ``x[..., k]`` with ``y[..., k]`` along the last axis, for every leading index
+    at once (``scipy.stats.pearsonr(axis=-1)``; Spearman = Pearson of the ``rankdata`` ranks, ties
+    at their mean rank); NaN where a row is constant."""
+    if kind == "spearman":
+        x, y = stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1)
+    constant = (np.ptp(x, axis=-1) == 0) | (np.ptp(y, axis=-1) == 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = np.asarray(stats.pearsonr(x, y, axis=-1).statistic, dtype=float)
+    return np.where(constant, np.nan, r)
+
+
+def _bootstrap(data: Tuple[np.ndarray, ...], statistic, n_resamples: int, confidence: float, seed: int,
+               method: str, **kwargs) -> Tuple[np.ndarray, np.ndarray]:
+    """``scipy.stats.bootstrap`` over the first axis (the pairs), seeded; NaN bounds where fewer
+    than two pairs leave nothing to resample."""
+    n = len(data[0])
+    if n < 2:
+        shape = np.shape(statistic(*data, axis=0)) if kwargs.get("vectorized", True) else ()
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    with warnings.catch_warnings():  # a degenerate resample (all pairs alike) is not an error here
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(data, statistic, n_resamples=n_resamples, confidence_level=confidence,
+                              method=method, rng=np.random.default_rng(seed), axis=0, **kwargs)
+    return np.asarray(res.confidence_interval.low, float), np.asarray(res.confidence_interval.high, float)
+
+
+# ---------------------------------------------------------------------------------- inputs
+@dataclass
+class _Pairs:
+    clean: List[Tensor]  # one 1-D LongTensor per pair
+    corrupted: List[Tensor]
+    str_tokens: List[List[str]]
+
+    def __len__(self):
+        return len(self.clean)
+
+    def groups(self) -> Dict[int, List[int]]:
+        """Pair indices by length (pairs of one length share a forward)."""
+        out: Dict[int, List[int]] = {}
+        for i, t in enumerate(self.clean):
+            out.setdefault(int(t.shape[0]), []).append(i)
+        return out
+
+    @property
+    def max_len(self) -> int:
+        return max(int(t.shape[0]) for t in self.clean)
+
+
+def _rows(family, spec, what: str, device) -> Tuple[List[Tensor], List[List[str]]]:
+    """One token row per prompt: strings are tokenized one at a time (never padded to each other);
+    a ``[n, pos]`` tensor is taken row by row as it is (no padding inferred)."""
+    if isinstance(spec, np.ndarray):
+        spec = torch.from_numpy(spec)
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, Tensor):
+        t = spec[None] if spec.ndim == 1 else spec
+        if t.ndim != 2:
+            raise ValueError(f"{what}: token ids must be [n, pos], got shape {tuple(spec.shape)}")
+        batch = prepare_tokens(family, t, torch.ones_like(t), None, device)
+        return list(batch.tokens), batch.str_tokens
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError(f"{what}: no prompts")
+        rows, strs = [], []
+        for i, s in enumerate(spec):
+            if not isinstance(s, str):
+                raise TypeError(f"{what}[{i}]: prompts are strings (or pass a [n, pos] tensor), got {type(s).__name__}")
+            batch = prepare_tokens(family, [s], None, None, device)
+            rows.append(batch.tokens[0])
+            strs.append(batch.str_tokens[0])
+        return rows, strs
+    raise TypeError(f"{what}: a string, a list of strings or a [n, pos] token tensor, got {type(spec).__name__}")
+
+
+def _pairs(family, clean, corrupted, device) -> _Pairs:
+    clean_rows, strs = _rows(family, clean, "clean", device)
+    corr_rows, _ = _rows(family, corrupted, "corrupted", device)
+    if len(clean_rows) != len(corr_rows):
+        raise ValueError(f"clean has {len(clean_rows)} prompts and corrupted {len(corr_rows)}: they must pair up")
+    for i, (a, b) in enumerate(zip(clean_rows, corr_rows)):
+        if a.shape != b.shape:
+            raise ValueError(
+                f"pair {i}: clean has {a.shape[0]} tokens and corrupted {b.shape[0]}; patching needs the same "
+                f"number of tokens in both prompts of a pair (position by position)"
+            )
+    return _Pairs(clean_rows, corr_rows, strs)
+
+
+def _model_name(model) -> str:
+    cfg = getattr(model, "cfg", None)
+    return str(getattr(cfg, "model_name", "") or type(model).__name__)
+
+
+def _component_hooks(family, components: Optional[Sequence[str]]) -> Dict[str, List[str]]:
+    """The hook each component is patched at, per layer. ``None``: every component the model has
+    (an attention-only model has no ``mlp``)."""
+    default = components is None
+    wanted = list(COMPONENTS if default else components)
+    if isinstance(components, str):
+        wanted = [components]
+    unknown = [c for c in wanted if c not in COMPONENTS]
+    if unknown or not wanted:
+        raise ValueError(f"components: pick from {COMPONENTS}, got {list(wanted)!r}")
+    hooks: Dict[str, List[str]] = {}
+    for comp in dict.fromkeys(wanted):
+        if HOOK_KIND[comp] == "z":
+            hooks[comp] = layer_hooks(family, Role.Z)
+        elif HOOK_KIND[comp] == "resid_pre":
+            hooks[comp] = layer_hooks(family, Role.RESID_PRE)
+        else:
+            names = [get_act_name("mlp_out", layer) for layer in range(family.n_layers)]
+            attn_only = bool(getattr(getattr(family.model, "cfg", None), "attn_only", False))
+            missing = names if attn_only else [n for n in names if not family.has_hook(n)]
+            if missing:
+                if default:
+                    continue
+                raise ValueError(f"components: {family.name} has no hook {missing[0]!r} (no MLP output to "
+                                 f"patch, e.g. an attention-only model); leave 'mlp' out")
+            hooks[comp] = names
+    return hooks
+
+
+def _as_batch_metric(metric: Callable, pair_index: Tensor) -> Callable[[Tensor], Tensor]:
+    """``metric`` as ``logits -> [batch]`` for rows that belong to the pairs ``pair_index``
+    (a metric taking a second argument gets those indices, as ``logit_difference`` does)."""
+    if not callable(metric):
+        raise TypeError(f"metric must be a callable metric(logits) -> [batch], got {type(metric).__name__}")
+    with_pairs = takes_positions(metric)
+
+    def fn(logits: Tensor) -> Tensor:
+        value = metric(logits, pair_index.to(logits.device)) if with_pairs else metric(logits)
+        value = torch.as_tensor(value)
+        if value.ndim == 0 and logits.shape[0] == 1:
+            value = value.reshape(1)
+        if value.shape != (logits.shape[0],):
+            raise ValueError(f"metric must return one value per pair ([batch] = [{logits.shape[0]}]), "
+                             f"got shape {tuple(value.shape)}")
+        return value
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------- metric
+class LogitDifference:
+    """``logits[:, position, correct] - logits[:, position, wrong]`` with each pair's own ids;
+    called as ``metric(logits, pairs)`` by the analyses (``pairs``: the pair index of each row)."""
+
+    def __init__(self, correct: Tensor, wrong: Tensor, position: int):
+        self.correct, self.wrong, self.position = correct, wrong, int(position)
+
+    def __call__(self, logits: Tensor, pairs: Optional[Tensor] = None) -> Tensor:
+        correct, wrong = self.correct.to(logits.device), self.wrong.to(logits.device)
+        if pairs is not None and correct.numel() > 1:
+            correct, wrong = correct[pairs], wrong[pairs]
+        if correct.numel() > 1 and correct.numel() != logits.shape[0]:
+            raise ValueError(f"logit_difference holds ids for {correct.numel()} pairs, the logits are for "
+                             f"{logits.shape[0]}; call it with the pair index of each row")
+        at = logits[:, self.position]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return at[rows, correct.expand(logits.shape[0])] - at[rows, wrong.expand(logits.shape[0])]
+
+    def __repr__(self):
+        return f"logit_difference(correct={self.correct.tolist()}, wrong={self.wrong.tolist()}, position={self.position})"
+
+
+def _ids(spec, model, what: str) -> Tensor:
+    items = spec.tolist() if isinstance(spec, (Tensor, np.ndarray)) else spec
+    items = [items] if isinstance(items, (int, str)) else list(items)
+    ids = []
+    for item in items:
+        if isinstance(item, str):
+            if model is None:
+                raise ValueError(f"{what}: token strings need the model (logit_difference(..., model=model))")
+            try:
+                ids.append(int(model.to_single_token(item)))
+            except (AssertionError, ValueError) as err:
+                raise ValueError(f"{what}: {item!r} is not a single token of the model") from err
+        elif isinstance(item, (int, np.integer)):
+            ids.append(int(item))
+        else:
+            raise TypeError(f"{what}: token ids are ints or single-token strings, got {type(item).__name__}")
+    if not ids:
+        raise ValueError(f"{what}: no token ids")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def logit_difference(correct, wrong, position: int = -1, model=None) -> LogitDifference:
+    """A metric ``logits -> [batch]``: the logit of ``correct`` minus that of ``wrong`` at
+    ``position``, per pair. ``correct`` / ``wrong``: one id for every pair, or one per pair (ints,
+    a list, a tensor, or single-token strings with ``model``), as IOI pairs each have their names."""
+    c, w = _ids(correct, model, "correct"), _ids(wrong, model, "wrong")
+    if c.numel() != w.numel() and 1 not in (c.numel(), w.numel()):
+        raise ValueError(f"correct has {c.numel()} ids and wrong {w.numel()}: one each, or one per pair")
+    n = max(c.numel(), w.numel())
+    return LogitDifference(c.expand(n).clone(), w.expand(n).clone(), position)
+
+
+# ---------------------------------------------------------------------------------- results
+@dataclass
+class PatchingResult:
+    """Activation patching over ``n`` pairs: ``effects[component]`` ``[n, ...]`` is
+    ``metric(patched) - metric(corrupted)`` per pair (float64; position-indexed components are
+    NaN past a shorter pair's end). Reusable: ``check_inputs`` refuses other inputs or models."""
+
+    effects: Dict[str, Tensor]
+    clean_metric: Tensor
+    corrupted_metric: Tensor
+    str_tokens: List[List[str]]
+    model_name: str
+    clean_tokens: List[Tensor]
+    corrupted_tokens: List[Tensor]
+    hooks: Dict[str, List[str]] = field(default_factory=dict)
+
+    heads = property(lambda self: self.effects.get("heads"))
+    resid = property(lambda self: self.effects.get("resid"))
+    mlp = property(lambda self: self.effects.get("mlp"))
+    head_pos = property(lambda self: self.effects.get("head_pos"))
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.clean_tokens)
+
+    @property
+    def lengths(self) -> List[int]:
+        return [int(t.shape[0]) for t in self.clean_tokens]
+
+    def check_inputs(self, model, pairs: "_Pairs") -> None:
+        """Refuse reuse with another model or other prompts: the effects would be of something else."""
+        if _model_name(model) != self.model_name:
+            raise ValueError(f"this PatchingResult was computed on model {self.model_name!r}, not "
+                             f"{_model_name(model)!r}; compute activation patching for this model")
+        same = len(pairs) == self.n_pairs and all(
+            torch.equal(a.cpu(), b.cpu()) and torch.equal(c.cpu(), d.cpu())
+            for a, b, c, d in zip(pairs.clean, self.clean_tokens, pairs.corrupted, self.corrupted_tokens))
+        if not same:
+            raise ValueError(f"this PatchingResult was computed for other inputs ({self.n_pairs} pairs with other "
+                             f"tokens); pass the same clean and corrupted prompts, or patching=True")
+
+    def mean(self, component: str) -> Tensor:
+        """The pair-mean effect; refused for a position-indexed component over pairs of different
+        lengths (position p is not the same token there)."""
+        if component in POSITIONAL and len(set(self.lengths)) > 1:
+            raise ValueError(f"{component}: the pairs have different lengths {sorted(set(self.lengths))}; "
+                             f"position-indexed effects are not pooled across them (group the pairs by length)")
+        return self.effects[component].mean(0)
+
+    def to_frame(self):
+        """Tidy per-pair table: pair, component, layer, head, pos, effect (NaN entries dropped)."""
+        return _long_frame({"patching": self.effects})
+
+
+def _indexes(component: str, shape) -> Dict[str, np.ndarray]:
+    """Layer / head / position labels of each flattened entry of a ``component`` grid."""
+    grids = np.indices(shape).reshape(len(shape), -1)
+    names = {"heads": ("layer", "head"), "resid": ("layer", "pos"), "mlp": ("layer",),
+             "head_pos": ("layer", "head", "pos")}[component]
+    out = {"layer": grids[0], "head": np.full(grids.shape[1], -1), "pos": np.full(grids.shape[1], -1)}
+    out.update({name: grids[i] for i, name in enumerate(names)})
+    return out
+
+
+def _long_frame(sources: Dict[str, Dict[str, Tensor]]):
+    import pandas as pd
+
+    frames = []
+    for source, by_comp in sources.items():
+        for comp, grid in by_comp.items():
+            values = grid.detach().double().cpu().numpy()
+            n = values.shape[0]
+            idx = _indexes(comp, values.shape[1:])
+            k = idx["layer"].size
+            frame = pd.DataFrame({"source": source, "component": comp, "pair": np.repeat(np.arange(n), k),
+                                  "layer": np.tile(idx["layer"], n), "head": np.tile(idx["head"], n),
+                                  "pos": np.tile(idx["pos"], n), "value": values.reshape(n, k).ravel()})
+            frames.append(frame[np.isfinite(frame["value"])])
+    return pd.concat(frames, ignore_index=True)
+
+
 @dataclass
 class PatchingComparison:
-    """Per-component scores (``[layers, heads]`` and ``[layers, pos]``) and their correlations."""
+    """Each method's per-pair scores (``scores[method][component]``, the shapes of
+    ``PatchingResult.effects``) next to activation patching (``patching``, or None: estimates only).
+    ``what`` says what the scores are ("estimated patching effect" or "relevance on the clean run")."""
 
-    patching_heads: Tensor
-    patching_resid: Tensor
-    scores_heads: Dict[str, Tensor]
-    scores_resid: Dict[str, Tensor]
-    correlations: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    str_tokens: List[str] = field(default_factory=list)
-    what: str = "relevance"
+    scores: Dict[str, Dict[str, Tensor]]
+    patching: Optional[PatchingResult]
+    str_tokens: List[List[str]]
+    what: str
+    lengths: List[int] = field(default_factory=list)
 
-    def table(self) -> List[dict]:
-        """A tidy table: one row per component, the patching effect and every method's score."""
-        rows = []
-        L, H = self.patching_heads.shape
-        for l in range(L):
-            for h in range(H):
-                row = {"component": "head", "layer": l, "index": h, "patching": float(self.patching_heads[l, h])}
-                row.update({m: float(s[l, h]) for m, s in self.scores_heads.items()})
-                rows.append(row)
-        for l in range(self.patching_resid.shape[0]):
-            for p in range(self.patching_resid.shape[1]):
-                row = {"component": "resid_pre", "layer": l, "index": p,
-                       "patching": float(self.patching_resid[l, p])}
-                row.update({m: float(s[l, p]) for m, s in self.scores_resid.items()})
-                rows.append(row)
-        return rows
+    @property
+    def methods(self) -> List[str]:
+        return list(self.scores)
 
-    def figure(self, method: str = None) -> go.Figure:
-        """Patching effects next to one method's scores, per head and per residual position."""
-        method = method or next(iter(self.scores_heads))
-        fig = make_subplots(rows=2, cols=2, subplot_titles=[
-            "activation patching: heads", f"{method}: heads",
-            "activation patching: residual stream", f"{method}: residual stream"])
-        grids = [(self.patching_heads, 1, 1), (self.scores_heads[method], 1, 2),
-                 (self.patching_resid, 2, 1), (self.scores_resid[method], 2, 2)]
-        for grid, r, c in grids:
-            z = grid.double().tolist()
-            limit = max(1e-12, float(grid.abs().max()))
-            x = ([f"H{h}" for h in range(grid.shape[1])] if r == 1
-                 else [f"{p}:{t}" for p, t in enumerate(self.str_tokens[: grid.shape[1]])])
-            fig.add_trace(go.Heatmap(z=z, x=x, y=[f"L{l}" for l in range(grid.shape[0])], colorscale="RdBu",
-                                     zmid=0, zmin=-limit, zmax=limit, showscale=False,
-                                     hovertemplate="%{y} %{x}: %{z:.4g}<extra></extra>"), row=r, col=c)
-        corr = self.correlations.get(method, {})
-        fig.update_layout(title=f"Activation patching vs {method} ({self.what}); "
-                          f"Spearman heads {corr.get('heads_spearman', float('nan')):.2f}, "
-                          f"residual {corr.get('resid_spearman', float('nan')):.2f}", height=700)
+    @property
+    def components(self) -> List[str]:
+        """The components scored (and, where there is activation patching, patched too)."""
+        comps = list(next(iter(self.scores.values()))) if self.scores else list(self.patching.effects)
+        return [c for c in comps if self.patching is None or c in self.patching.effects]
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.str_tokens)
+
+    def _pooled_ok(self, component: str) -> bool:
+        return component not in POSITIONAL or len(set(self.lengths)) <= 1
+
+    def _require_patching(self, what: str) -> PatchingResult:
+        if self.patching is None:
+            raise ValueError(f"{what} needs activation patching: this comparison holds estimates only "
+                             f"(relevance_patching(..., patching=True) or patching=<PatchingResult>)")
+        return self.patching
+
+    def agreement(self, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+                  ci_method: str = "percentile"):
+        """One row per (method, component, statistic): ``value`` with its bootstrap interval
+        (``low``, ``high``) over pairs, and ``n_pairs``. Statistics: ``spearman_of_means`` /
+        ``pearson_of_means`` (the pair-mean effects vs the pair-mean scores, over components), and
+        ``mean_spearman_per_pair`` / ``mean_pearson_per_pair`` (each pair's own correlation,
+        averaged). Position-indexed components over pairs of different lengths get per-pair rows
+        only (a warning says so)."""
+        import pandas as pd
+
+        patching = self._require_patching("agreement()")
+        rows, skipped = [], []
+        for method in self.methods:
+            for comp in self.components:
+                P = patching.effects[comp].double().cpu().numpy().reshape(self.n_pairs, -1)
+                E = self.scores[method][comp].double().cpu().numpy().reshape(self.n_pairs, -1)
+                for kind in ("spearman", "pearson"):
+                    if self._pooled_ok(comp):
+                        value = float(_rowwise(kind, P.mean(0), E.mean(0)))
+
+                        def of_means(idx, axis=-1, kind=kind):
+                            idx = np.moveaxis(np.asarray(idx), axis, -1)
+                            return _rowwise(kind, P[idx].mean(-2), E[idx].mean(-2))
+
+                        low, high = _bootstrap((np.arange(self.n_pairs),), of_means, n_resamples, confidence,
+                                               seed, ci_method, vectorized=True)
+                        rows.append((method, comp, f"{kind}_of_means", value, float(low), float(high),
+                                     self.n_pairs))
+                    elif kind == "spearman":
+                        skipped.append(comp)
+                    per_pair = np.array([
+                        float(_rowwise(kind, p[np.isfinite(p)], e[np.isfinite(p)])) if np.isfinite(p).sum() > 1
+                        else np.nan for p, e in zip(P, E)])
+                    per_pair = per_pair[np.isfinite(per_pair)]
+                    value = float(per_pair.mean()) if per_pair.size else float("nan")
+                    low, high = _bootstrap((per_pair,), np.mean, n_resamples, confidence, seed, ci_method,
+                                           vectorized=True)
+                    rows.append((method, comp, f"mean_{kind}_per_pair", value, float(low), float(high),
+                                 int(per_pair.size)))
+        if skipped:
+            warnings.warn(f"{sorted(set(skipped))}: the pairs have different lengths {sorted(set(self.lengths))}, "
+                          f"so position-indexed effects are not pooled (per-pair statistics only)", stacklevel=2)
+        return pd.DataFrame(rows, columns=["method", "component", "statistic", "value", "low", "high", "n_pairs"])
+
+    def effects(self, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+                ci_method: str = "percentile"):
+        """The mean over pairs of each component's effect (``source`` "patching") and of each
+        method's score, with bootstrap intervals over pairs; columns source, component, layer,
+        head, pos, mean, low, high, n_pairs (position-indexed components only where every pair
+        has the same length)."""
+        import pandas as pd
+
+        sources = dict(self.scores)
+        if self.patching is not None:
+            sources = {"patching": self.patching.effects, **sources}
+        frames = []
+        for source, by_comp in sources.items():
+            for comp, grid in by_comp.items():
+                if not self._pooled_ok(comp):
+                    continue
+                X = grid.double().cpu().numpy().reshape(self.n_pairs, -1)
+                low, high = _bootstrap((X,), np.mean, n_resamples, confidence, seed, ci_method, vectorized=True)
+                idx = _indexes(comp, grid.shape[1:])
+                frames.append(pd.DataFrame({"source": source, "component": comp, **idx, "mean": X.mean(0),
+                                            "low": low, "high": high, "n_pairs": self.n_pairs}))
+        return pd.concat(frames, ignore_index=True)
+
+    def to_frame(self):
+        """Tidy per-pair table: source (patching or a method), component, pair, layer, head, pos, value."""
+        sources = dict(self.scores)
+        if self.patching is not None:
+            sources = {"patching": self.patching.effects, **sources}
+        return _long_frame(sources)
+
+    table = to_frame
+
+    def mean(self, method: str, component: str) -> Tensor:
+        if not self._pooled_ok(component):
+            raise ValueError(f"{component}: the pairs have different lengths {sorted(set(self.lengths))}; "
+                             f"position-indexed scores are not pooled across them")
+        return self.scores[method][component].mean(0)
+
+    def figure(self, method: Optional[str] = None, components: Optional[Sequence[str]] = None,
+               height: int = 900) -> go.Figure:
+        """Pair-mean activation patching (left) next to ``method``'s pair-mean scores (right), one
+        row per component; each panel has its own symmetric colour scale and colour bar; layer 0
+        at the top and every layer labelled."""
+        patching = self._require_patching("figure()")
+        method = method or self.methods[0]
+        if method not in self.scores:
+            raise ValueError(f"no method {method!r} here; these are {self.methods}")
+        comps = [c for c in (components or self.components) if self._pooled_ok(c)]
+        if not comps:
+            raise ValueError("nothing to draw: position-indexed components are not pooled over pairs of different lengths")
+        fig = make_subplots(rows=len(comps), cols=2, horizontal_spacing=0.18, vertical_spacing=0.12,
+                            subplot_titles=[t for c in comps for t in (f"activation patching: {c}", f"{method}: {c}")])
+        n_layers = patching.effects[comps[0]].shape[1]
+        layers = [f"L{l}" for l in range(n_layers)]
+        strs = self.str_tokens[0]
+        for r, comp in enumerate(comps, start=1):
+            for c, grid in enumerate((patching.mean(comp), self.mean(method, comp)), start=1):
+                z, x, y = self._panel(comp, grid, layers, strs)
+                limit = max(1e-12, float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1e-12)
+                axis = fig.get_subplot(r, c)
+                x0, x1 = axis.xaxis.domain
+                y0, y1 = axis.yaxis.domain
+                fig.add_trace(go.Heatmap(z=z.tolist(), x=x, y=y, colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,
+                                         colorbar=dict(x=x1 + 0.01, y=(y0 + y1) / 2, len=(y1 - y0), thickness=10),
+                                         hovertemplate="%{y} %{x}: %{z:.4g}<extra></extra>"), row=r, col=c)
+                fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=y, ticktext=y, row=r, col=c)
+        fig.update_layout(title=f"Activation patching vs {method} ({self.what}), mean over {self.n_pairs} pairs",
+                          height=height)
         return fig
 
+    @staticmethod
+    def _panel(comp, grid, layers, strs):
+        g = grid.double().cpu().numpy()
+        if comp == "heads":
+            return g, [f"H{h}" for h in range(g.shape[1])], layers
+        if comp == "resid":
+            return g, [f"{p}:{t}" for p, t in enumerate(strs[: g.shape[1]])], layers
+        if comp == "mlp":
+            return g[:, None], ["MLP"], layers
+        L, H, T = g.shape  # head_pos: one row per (layer, head)
+        return g.reshape(L * H, T), [f"{p}:{t}" for p, t in enumerate(strs[:T])], \
+            [f"L{l}H{h}" for l in range(L) for h in range(H)]
 
-def _inputs(model, clean, corrupted):
+
+# ---------------------------------------------------------------------------------- patching
+def _capture(family, tokens: Tensor, names: Sequence[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Logits and the activations at ``names`` of one hooked forward (no gradient)."""
+    acts: Dict[str, Tensor] = {}
+
+    def keeper(name):
+        def keep(act, hook=None):
+            acts[name] = act.detach().clone()
+        return keep
+
+    with torch.no_grad():
+        logits = family.forward(tokens, None, [(n, keeper(n)) for n in dict.fromkeys(names)])
+    return logits, acts
+
+
+def _sites(component: str, n_layers: int, n_heads: int, n_pos: int):
+    """Every patched unit of ``component``: ``(layer, head or None, pos or None)``."""
+    if component == "heads":
+        return [(l, h, None) for l in range(n_layers) for h in range(n_heads)]
+    if component == "resid":
+        return [(l, None, p) for l in range(n_layers) for p in range(n_pos)]
+    if component == "mlp":
+        return [(l, None, None) for l in range(n_layers)]
+    return [(l, h, p) for l in range(n_layers) for h in range(n_heads) for p in range(n_pos)]
+
+
+def _select(component, head, pos) -> Tuple:
+    """Index into one row's activation (``act_shape`` without the batch) that the unit covers."""
+    p = slice(None) if pos is None else pos
+    if HOOK_KIND[component] == "z":
+        return (p, head)
+    return (p,)
+
+
+def _patch_forward(family, corr_tokens, clean_acts, hooks, jobs, metric_fn):
+    """One forward: row ``i`` is pair ``jobs[i][0]`` (index within the group) with unit ``jobs[i][1:]``
+    of component ``jobs[i][1]`` patched from its clean run; returns the metric per row."""
+    by_name: Dict[str, List[Tuple[int, int, Tuple]]] = {}
+    for row, (pair, comp, layer, head, pos) in enumerate(jobs):
+        name = hooks[comp][layer]
+        by_name.setdefault(name, []).append((row, pair, _select(comp, head, pos)))
+
+    def patcher(name, entries):
+        def patch(act, hook=None):
+            act = act.clone()
+            for row, pair, index in entries:
+                act[(row,) + index] = clean_acts[name][(pair,) + index].to(act.dtype)
+            return act
+        return patch
+
+    rows = torch.tensor([j[0] for j in jobs], device=corr_tokens.device)
+    logits = family.forward(corr_tokens[rows], None, [(n, patcher(n, e)) for n, e in by_name.items()])
+    return metric_fn(logits)
+
+
+@in_eval_mode
+def activation_patching(model, clean, corrupted, metric: Callable, *, components: Optional[Sequence[str]] = None,
+                        batch_size: int = 64, progress: bool = True) -> PatchingResult:
+    """Patch each unit of each component from the clean into the corrupted run, for every pair.
+
+    ``clean`` / ``corrupted``: one string each, lists of strings, or ``[n, pos]`` token tensors;
+    the two prompts of a pair must have the same length (pairs of different lengths are run in
+    groups by length). ``metric(logits) -> [batch]`` per row (or ``metric(logits, pairs)``,
+    ``pairs`` the pair index of each row, as ``logit_difference`` takes it). ``components``: a
+    subset of ``COMPONENTS``, None for every one the model has. ``batch_size``: rows per forward,
+    a row being one pair with one unit patched (all pairs of a group for one unit share a forward,
+    and further units fill the batch). One progress bar over the whole job.
+    """
+    family = family_for(model)
+    pairs = _pairs(family, clean, corrupted, next(model.parameters()).device)
+    return _patch_pairs(model, family, pairs, metric, _component_hooks(family, components), batch_size, progress)
+
+
+def _patch_pairs(model, family, pairs: _Pairs, metric, hooks, batch_size, progress) -> PatchingResult:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    names = sorted({n for ns in hooks.values() for n in ns})
+    n, L, T_max, H = len(pairs), family.n_layers, pairs.max_len, int(model.cfg.n_heads)
+    groups = pairs.groups()
+    shapes = {"heads": (n, L, H), "resid": (n, L, T_max), "mlp": (n, L), "head_pos": (n, L, H, T_max)}
+    effects = {c: torch.full(shapes[c], float("nan"), dtype=torch.float64) for c in hooks}
+    clean_metric = torch.zeros(n, dtype=torch.float64)
+    corr_metric = torch.zeros(n, dtype=torch.float64)
+    plans = [(idx, [(j, comp) + site for comp in hooks for site in _sites(comp, L, H, T) for j in range(len(idx))])
+             for T, idx in groups.items()]  # unit-major: the pairs of one unit fill a forward together
+    bar = tqdm(total=sum(math.ceil(len(jobs) / batch_size) for _, jobs in plans), desc="activation patching",
+               disable=not progress, unit="forward")
+    try:
+        for idx, jobs in plans:
+            idx_t = torch.tensor(idx)
+            clean_t = torch.stack([pairs.clean[i] for i in idx])
+            corr_t = torch.stack([pairs.corrupted[i] for i in idx])
+            group_metric = _as_batch_metric(metric, idx_t)
+            clean_logits, clean_acts = _capture(family, clean_t, names)
+            for comp in hooks:
+                if HOOK_KIND[comp] == "z" and clean_acts[hooks[comp][0]].shape[2] != H:
+                    raise NotImplementedError(f"{hooks[comp][0]} holds {tuple(clean_acts[hooks[comp][0]].shape)}, "
+                                              f"not [batch, pos, {H} heads, d_head]: heads cannot be patched one by one")
+            with torch.no_grad():
+                clean_metric[idx_t] = group_metric(clean_logits).detach().double().cpu()
+                corr_metric[idx_t] = group_metric(family.forward(corr_t, None, [])).detach().double().cpu()
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start:start + batch_size]
+                rows_pairs = idx_t[[j[0] for j in chunk]]
+                with torch.no_grad():
+                    values = _patch_forward(family, corr_t, clean_acts, hooks, chunk,
+                                            _as_batch_metric(metric, rows_pairs)).detach().double().cpu()
+                for (j, comp, layer, head, pos), v in zip(chunk, values - corr_metric[rows_pairs]):
+                    effects[comp][(idx[j], layer) + tuple(i for i in (head, pos) if i is not None)] = v
+                bar.update(1)
+    finally:
+        bar.close()
+    return PatchingResult(effects, clean_metric, corr_metric, pairs.str_tokens, _model_name(model),
+                          [t.cpu() for t in pairs.clean], [t.cpu() for t in pairs.corrupted], hooks)
+
+
+# ---------------------------------------------------------------------------------- estimates
+def _lrp_name(method: str) -> str:
+    return "grad_x_input" if method == "grad" else method
+
+
+def _reduce(component: str, grid: Tensor, T_max: int) -> Tensor:
+    """A ``[b, pos, ...]`` product (delta x gradient, or relevance) summed to the component's shape
+    for one layer: heads ``[b, H]``, resid ``[b, pos]``, mlp ``[b]``, head_pos ``[b, H, pos]``."""
+    if component == "heads":
+        return grid.sum((1, 3))
+    if component == "mlp":
+        return grid.sum((1, 2))
+    if component == "resid":
+        out = grid.sum(2)
+    else:
+        out = grid.sum(3).transpose(1, 2)
+    pad = T_max - out.shape[-1]
+    return torch.nn.functional.pad(out, (0, pad), value=float("nan")) if pad else out
+
+
+def _empty(hooks, n, L, H, T_max):
+    shapes = {"heads": (n, L, H), "resid": (n, L, T_max), "mlp": (n, L), "head_pos": (n, L, H, T_max)}
+    return {c: torch.full(shapes[c], float("nan"), dtype=torch.float64) for c in hooks}
+
+
+def _check_methods(methods) -> List[str]:
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods: each method once, got {methods}")
+    return methods
+
+
+def _resolve_patching(model, pairs, patching, metric, components, batch_size, progress) -> Optional[PatchingResult]:
+    if patching is None or patching is False:
+        return None
+    if patching is True:
+        return _patch_pairs(model, family_for(model), pairs, metric, components, batch_size, progress)
+    if isinstance(patching, PatchingResult):
+        patching.check_inputs(model, pairs)
+        return patching
+    raise TypeError(f"patching: None, True or a PatchingResult, got {type(patching).__name__}")
+
+
+def _check_same_metric(patching: Optional[PatchingResult], idx, values: Tensor, which: str) -> None:
+    """The metric the scores were computed with must be the one the PatchingResult was: its value
+    on the clean / corrupted run is compared (a reused result with another metric is refused)."""
+    if patching is None:
+        return
+    stored = (patching.clean_metric if which == "clean" else patching.corrupted_metric)[idx]
+    values = values.detach().double().cpu()
+    scale = max(1.0, float(stored.abs().max()))
+    if not torch.allclose(values, stored, rtol=1e-3, atol=1e-5 * scale):
+        raise ValueError(f"the metric on the {which} run ({values[:3].tolist()}...) differs from the one the "
+                         f"PatchingResult holds ({stored[:3].tolist()}...): it was computed with another metric")
+
+
+def _run_estimates(model, clean, corrupted, metric, methods, patching, components, batch_size, progress,
+                   on_clean: bool) -> PatchingComparison:
     family = family_for(model)
     device = next(model.parameters()).device
-    clean_batch = prepare_tokens(family, clean, None, None, device)
-    clean_t, strs = clean_batch.tokens, clean_batch.str_tokens
-    corr_t = prepare_tokens(family, corrupted, None, None, device).tokens
-    if clean_t.shape != corr_t.shape or clean_t.shape[0] != 1:
-        raise ValueError(
-            f"clean and corrupted must be one prompt each with the same number of tokens, got "
-            f"{tuple(clean_t.shape)} and {tuple(corr_t.shape)}"
-        )
-    return family, clean_t, corr_t, strs[0]
+    pairs = _pairs(family, clean, corrupted, device)
+    hooks = _component_hooks(family, components)
+    methods = _check_methods(methods)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    patched = _resolve_patching(model, pairs, patching, metric, hooks, 64, progress)
+    n, L, T_max = len(pairs), family.n_layers, pairs.max_len
+    names = sorted({nm for ns in hooks.values() for nm in ns})
+    scores: Dict[str, Dict[str, Tensor]] = {}
+    chunks = [(T, idx[s:s + (batch_size or len(idx))]) for T, idx in pairs.groups().items()
+              for s in range(0, len(idx), batch_size or len(idx))]
+    bar = tqdm(total=len(chunks) * len(methods), desc="relevance" if on_clean else "relevance patching",
+               disable=not progress, unit="explain")
+    try:
+        for T, idx in chunks:
+            idx_t = torch.tensor(idx)
+            clean_t = torch.stack([pairs.clean[i] for i in idx])
+            corr_t = torch.stack([pairs.corrupted[i] for i in idx])
+            if not on_clean:  # one forward per input; the differences serve every method
+                _, clean_acts = _capture(family, clean_t, names)
+                _, corr_acts = _capture(family, corr_t, names)
+            H = None
+            for method in methods:
+                tokens = clean_t if on_clean else corr_t
+                attr = explain(model, tokens, _as_batch_metric(metric, idx_t), method=_lrp_name(method),
+                               attention_mask=torch.ones_like(tokens), record_gradients=None if on_clean else names)
+                _check_same_metric(patched, idx_t, attr.target_value, "clean" if on_clean else "corrupted")
+                H = attr.heads.shape[2]
+                out = scores.setdefault(method, _empty(hooks, n, L, H, T_max))
+                for comp, comp_names in hooks.items():
+                    if on_clean:
+                        grid = _relevance(comp, attr, T_max)
+                    else:
+                        grid = torch.stack([
+                            _reduce(comp, ((clean_acts[nm] - corr_acts[nm]).double()
+                                           * attr.gradients[nm].to(clean_acts[nm].device).double()), T_max)
+                            for nm in comp_names], dim=1)
+                    out[comp][idx_t] = grid.detach().double().cpu()
+                bar.update(1)
+    finally:
+        bar.close()
+    what = "relevance on the clean run" if on_clean else "estimated patching effect"
+    return PatchingComparison(scores, patched, pairs.str_tokens, what, [int(t.shape[0]) for t in pairs.clean])
 
 
-def _scalar_metric(metric: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    return lambda logits: metric(logits).sum()
-
-
-def _batch_metric(metric: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    def wrapped(logits):
-        value = metric(logits)
-        return value.reshape(1) if value.ndim == 0 else value
-    return wrapped
+def _relevance(component: str, attr, T_max: int) -> Tensor:
+    """The relevance of the component's units on the clean run, in the component's shape."""
+    if component == "heads":
+        return attr.heads
+    if component == "mlp":
+        return attr.mlp.sum(-1)
+    grid = attr.residual[:, :-1] if component == "resid" else attr.heads_by_pos
+    pad = T_max - grid.shape[-1]
+    return torch.nn.functional.pad(grid, (0, pad), value=float("nan")) if pad else grid
 
 
 @in_eval_mode
-def activation_patching(model, clean, corrupted, metric) -> Dict[str, Tensor]:
-    """Effect on ``metric`` of patching each head's output (all positions) and each residual
-    stream position from the clean into the corrupted run, relative to the corrupted run."""
-    from transformer_lens import patching
+def relevance_patching(model, clean, corrupted, metric: Callable,
+                       methods: Sequence[str] = ESTIMATE_METHODS, *,
+                       patching: Union[None, bool, PatchingResult] = None,
+                       components: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
+                       progress: bool = False) -> PatchingComparison:
+    """Estimate every unit's patching effect as ``(clean - corrupted) . g``, ``g`` the plain
+    ("grad") or rule-modified gradient of ``metric`` on the corrupted run, recorded at the
+    patched hooks by one ``explain`` per method over the whole corrupted batch (``batch_size``:
+    pairs per ``explain``, None: every pair of a length at once).
 
-    family, clean_t, corr_t, _ = _inputs(model, clean, corrupted)
-    for role in (Role.Z, Role.RESID_PRE):
-        layer_hooks(family, role)  # the names the utilities patch are the family's
-    scalar = _scalar_metric(metric)
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean_t)
-        baseline = float(scalar(model(corr_t)))
-        heads = patching.get_act_patch_attn_head_out_all_pos(model, corr_t, clean_cache, scalar)
-        resid = patching.get_act_patch_resid_pre(model, corr_t, clean_cache, scalar)
-    return {"heads": heads.detach().cpu() - baseline, "resid": resid.detach().cpu() - baseline}
-
-
-@in_eval_mode
-def compare_with_patching(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
-                          methods: Sequence[str] = ("pa_lrp", "attn_lrp")) -> PatchingComparison:
-    """Activation patching per head / residual position next to each method's relevance of the
-    same components on the clean run (``attr.heads``, ``attr.residual``), with correlations.
-
-    ``metric(logits)`` returns a scalar or ``[1]`` (e.g. a logit difference at the last position).
+    ``patching``: None (default) gives estimates only (no activation patching is run); a
+    ``PatchingResult`` of the same model, prompts and metric is reused; True computes it.
     """
-    family, clean_t, corr_t, strs = _inputs(model, clean, corrupted)
-    patched = activation_patching(model, clean_t, corr_t, metric)
-    scores_heads, scores_resid, corr = {}, {}, {}
-    for method in methods:
-        attr = explain(model, clean_t, _batch_metric(metric), method=method)
-        scores_heads[method] = attr.heads[0].detach().cpu()
-        scores_resid[method] = attr.residual[0, :-1].detach().cpu()
-        corr[method] = _correlations(patched, scores_heads[method], scores_resid[method])
-    return PatchingComparison(patched["heads"], patched["resid"], scores_heads, scores_resid, corr,
-                              list(strs), "relevance on the clean run")
-
-
-def _correlations(patched, heads, resid) -> Dict[str, float]:
-    return {
-        "heads_spearman": spearman(patched["heads"], heads), "heads_pearson": pearson(patched["heads"], heads),
-        "resid_spearman": spearman(patched["resid"], resid), "resid_pearson": pearson(patched["resid"], resid),
-    }
+    return _run_estimates(model, clean, corrupted, metric, methods, patching, components, batch_size, progress,
+                          on_clean=False)
 
 
 @in_eval_mode
-def relevance_patching(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
-                       methods: Sequence[str] = ("grad", "attn_lrp", "pa_lrp"),
-                       true_patching: bool = True) -> PatchingComparison:
-    """Estimate every head's and residual position's patching effect as ``(clean - corrupted) . g``
-    with ``g`` the plain or LRP-modified gradient of ``metric`` on the corrupted run; with
-    ``true_patching`` also run activation patching and report the correlations."""
-    family, clean_t, corr_t, strs = _inputs(model, clean, corrupted)
-    z_names, r_names = layer_hooks(family, Role.Z), layer_hooks(family, Role.RESID_PRE)
-    with torch.no_grad():  # one forward per input; the differences serve every method
-        _, clean_cache = model.run_with_cache(clean_t, names_filter=z_names + r_names)
-        _, corr_cache = model.run_with_cache(corr_t, names_filter=z_names + r_names)
-    delta = {n: clean_cache[n] - corr_cache[n] for n in z_names + r_names}
-    heads, resid = {}, {}
-    for method in methods:
-        lrp_method = "grad_x_input" if method == "grad" else method
-        attr = explain(model, corr_t, _batch_metric(metric), method=lrp_method, record_gradients=z_names + r_names)
-        heads[method] = torch.stack([(delta[n] * attr.gradients[n]).sum((0, 1, 3)) for n in z_names]).detach().cpu()
-        resid[method] = torch.stack([(delta[n] * attr.gradients[n]).sum((0, 2)) for n in r_names]).detach().cpu()
-    if true_patching:
-        patched = activation_patching(model, clean_t, corr_t, metric)
-    else:
-        patched = {"heads": torch.full_like(heads[methods[0]], float("nan")),
-                   "resid": torch.full_like(resid[methods[0]], float("nan"))}
-    corr = {m: _correlations(patched, heads[m], resid[m]) for m in methods} if true_patching else {}
-    return PatchingComparison(patched["heads"], patched["resid"], heads, resid, corr, list(strs),
-                              "estimated patching effect")
+def compare_with_patching(model, clean, corrupted, metric: Callable,
+                          methods: Sequence[str] = ("pa_lrp", "attn_lrp"), *,
+                          patching: Optional[PatchingResult] = None,
+                          components: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
+                          progress: bool = False) -> PatchingComparison:
+    """Each method's relevance of the patched units on the clean run (``attr.heads``,
+    ``attr.residual``, ``attr.mlp`` summed over positions, ``attr.heads_by_pos``) next to
+    activation patching: ``patching`` reused when given, computed otherwise."""
+    return _run_estimates(model, clean, corrupted, metric, methods, True if patching is None else patching,
+                          components, batch_size, progress, on_clean=True)
