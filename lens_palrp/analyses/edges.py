@@ -41,6 +41,7 @@ from lens_palrp.hooks import family_for
 from lens_palrp.inputs import prepare_tokens
 from lens_palrp.methods import get_method
 from lens_palrp.roles import Role
+from lens_palrp.targets import takes_positions
 
 PATCHING, POSITIONAL = "patching", "positional"
 _SPLIT_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
@@ -83,6 +84,11 @@ def _check_model(model):
             "the per-receiver gradients cannot be read there. Load the model as a HookedTransformer "
             "(TransformerLens 3.x; lp.zoo.load(name, kind='hooked'))"
         )
+    if family.n_kv_heads is not None:
+        raise NotImplementedError(
+            "edge attribution: grouped-query attention (n_key_value_heads < n_heads) is not supported: the sweep "
+            "ungroups the key/value heads, and the split key/value inputs then no longer give one gradient per "
+            "receiver (a sender's edge scores would not sum to its node score)")
     if family.pe_type == "shortformer":
         raise NotImplementedError("edge attribution: shortformer position embeddings are added to the query and key "
                                   "inputs only, which TransformerLens cannot combine with use_split_qkv_input")
@@ -93,7 +99,6 @@ def _graph(model, family) -> Tuple[List[_Node], List[_Node]]:
     """Senders and receivers with their hook points (the split-input names) and order."""
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
-    H_kv = cfg.n_key_value_heads or H
     mlp_order = 0 if cfg.parallel_attn_mlp else 1  # a parallel MLP reads the block's input, as attention
     senders = [_Node("embed", -1, (-1, 0), "hook_embed")]
     if family.pe_type == "standard":
@@ -101,9 +106,8 @@ def _graph(model, family) -> Tuple[List[_Node], List[_Node]]:
     receivers = []
     for l in range(L):
         senders += [_Node(f"L{l}.H{h}", l, (l, 0), f"blocks.{l}.attn.hook_result", h) for h in range(H)]
-        for kind, n in (("q", H), ("k", H_kv), ("v", H_kv)):
-            receivers += [_Node(f"L{l}.H{h}" if n == H else f"L{l}.KV{h}", l, (l, 0), f"blocks.{l}.hook_{kind}_input",
-                                h, kind) for h in range(n)]
+        for kind in ("q", "k", "v"):
+            receivers += [_Node(f"L{l}.H{h}", l, (l, 0), f"blocks.{l}.hook_{kind}_input", h, kind) for h in range(H)]
         if not cfg.attn_only:
             senders.append(_Node(f"L{l}.MLP", l, (l, 1), f"blocks.{l}.hook_mlp_out"))
             receivers.append(_Node(f"L{l}.MLP", l, (l, mlp_order), f"blocks.{l}.hook_mlp_in", None, "mlp"))
@@ -123,12 +127,14 @@ def _split_inputs(model):
     try:
         model.set_use_split_qkv_input(True)
         model.set_use_attn_result(True)
-        model.set_use_hook_mlp_in(True)
+        if not model.cfg.attn_only:  # an attention-only model has no MLP input to split
+            model.set_use_hook_mlp_in(True)
         yield
     finally:
         model.set_use_split_qkv_input(before["use_split_qkv_input"])
         model.set_use_attn_result(before["use_attn_result"])
-        model.set_use_hook_mlp_in(before["use_hook_mlp_in"])
+        if not model.cfg.attn_only:
+            model.set_use_hook_mlp_in(before["use_hook_mlp_in"])
 
 
 def _flat(act: Tensor, node: _Node) -> Tensor:
@@ -179,9 +185,21 @@ def _pairs(family, clean, corrupted, device) -> List[Tuple[List[int], Tensor, Te
             for idx in groups.values()]
 
 
-def _metric(metric: Callable[[Tensor], Tensor], n: int) -> Callable[[Tensor], Tensor]:
+def _metric(metric: Callable, idx: List[int], n_groups: int) -> Callable[[Tensor], Tensor]:
+    """``metric`` on one length group: ``metric(logits)``, or ``metric(logits, pair_indices)``
+    where it takes a second argument (per-pair answers when pairs differ in length), checked to
+    give one value per pair of the group."""
+    if not callable(metric):
+        raise TypeError(f"metric must be a callable metric(logits) -> [n], got {type(metric).__name__}")
+    with_pairs = takes_positions(metric)
+    if n_groups > 1 and not with_pairs:
+        raise ValueError("the pairs have different lengths, so they run in separate batches: write the metric as "
+                         "metric(logits, pair_indices) -> [len(pair_indices)] (pair_indices: which pairs the batch "
+                         "holds, in order)")
+    n, pairs = len(idx), torch.tensor(idx)
+
     def checked(logits: Tensor) -> Tensor:
-        value = metric(logits)
+        value = metric(logits, pairs.to(logits.device)) if with_pairs else metric(logits)
         if not isinstance(value, Tensor) or value.shape != (n,):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"metric(logits) must return one value per pair, shape ({n},); got {shape}")
@@ -302,8 +320,10 @@ def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor]
     """Score every sender -> receiver edge as ``(clean - corrupted sender output) . g_receiver``.
 
     ``clean`` / ``corrupted``: one prompt or a batch (strings, or ids ``[n, pos]``), pair ``i``
-    of equal length; pairs of different lengths are run in separate batches. ``metric(logits)``
-    returns ``[n]`` (one value per pair, e.g. a logit difference at the last position).
+    of equal length. ``metric(logits)`` returns ``[n]`` (one value per pair, e.g. a logit
+    difference at the last position); pairs of different lengths run in separate batches, and
+    the metric is then ``metric(logits, pair_indices)`` (which pairs the batch holds, in order;
+    a two-argument metric is always called so).
     ``methods``: ``"grad"`` (plain gradient) and/or any registered LRP method. Cost per method:
     one hooked forward and one backward per length group, plus one forward of each input.
     """
@@ -334,7 +354,7 @@ def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor]
     with _split_inputs(model):
         for idx, clean_t, corr_t in groups:
             at = torch.tensor(idx)
-            checked = _metric(metric, len(idx))
+            checked = _metric(metric, idx, len(groups))
             with torch.no_grad():
                 clean_logits, clean_cache = model.run_with_cache(clean_t, names_filter=send_hooks)
                 corr_logits, corr_cache = model.run_with_cache(corr_t, names_filter=send_hooks)
@@ -377,7 +397,7 @@ def path_patching(model, clean, corrupted, metric: Callable[[Tensor], Tensor], e
     with _split_inputs(model), torch.no_grad():
         for idx, clean_t, corr_t in groups:
             at = torch.tensor(idx)
-            checked = _metric(metric, len(idx))
+            checked = _metric(metric, idx, len(groups))
             hooks = sorted({s.hook for s in senders})
             _, clean_cache = model.run_with_cache(clean_t, names_filter=hooks)
             corr_logits, corr_cache = model.run_with_cache(corr_t, names_filter=hooks)
