@@ -270,6 +270,8 @@ def test_bad_input_is_refused_by_name():
         edge_attribution(model, ["a b", "c d"], ["a c", "c c"], lambda logits: logits[:, -1].sum())
     with pytest.raises(ValueError, match="unknown method"):
         edge_attribution(model, "a b", "a c", metric, methods=("grad", "lrp_typo"))
+    with pytest.raises(ValueError, match="corrupted: .*pad id"):  # the zoo's pad id is 1
+        edge_attribution(model, torch.tensor([[0, 3, 4], [0, 5, 6]]), torch.tensor([[0, 3, 1], [0, 5, 6]]), metric)
     with pytest.raises(TypeError, match="integers"):
         edge_attribution(model, torch.ones(1, 3), torch.ones(1, 3), metric)
     with pytest.raises(ValueError, match="no edge L1.H0 -> L0.H0"):  # backwards

@@ -38,7 +38,7 @@ from torch import Tensor
 from lens_palrp.analyses.common import in_eval_mode
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
-from lens_palrp.inputs import prepare_tokens
+from lens_palrp.inputs import infer_padding, prepare_tokens
 from lens_palrp.methods import get_method
 from lens_palrp.roles import Role
 from lens_palrp.targets import takes_positions
@@ -181,8 +181,15 @@ def _pairs(family, clean, corrupted, device) -> List[Tuple[List[int], Tensor, Te
             raise ValueError(f"pair {i}: the clean prompt has {a.shape[0]} tokens and the corrupted one "
                              f"{b.shape[0]}; a pair must have the same length (positions are patched one to one)")
         groups.setdefault(a.shape[0], []).append(i)
-    return [(idx, torch.stack([clean_rows[i] for i in idx]), torch.stack([corr_rows[i] for i in idx]))
-            for idx in groups.values()]
+    batches = [(idx, torch.stack([clean_rows[i] for i in idx]), torch.stack([corr_rows[i] for i in idx]))
+               for idx in groups.values()]
+    for _, clean_t, corr_t in batches:  # explain would right-align a padded-looking batch: positions shift
+        for which, t in (("clean", clean_t), ("corrupted", corr_t)):
+            if infer_padding(t, family.tokenizer) is not None:
+                raise ValueError(f"{which}: the prompts of one length start or end with runs of the pad id of "
+                                 "different lengths, as a padded batch does; edge attribution patches positions one "
+                                 "to one and takes unpadded prompts")
+    return batches
 
 
 def _metric(metric: Callable, idx: List[int], n_groups: int) -> Callable[[Tensor], Tensor]:
