@@ -13,6 +13,7 @@ from lens_palrp.analyses.dataset_stats import (
     dataset_top_heads_figure,
     top_heads,
 )
+from lens_palrp.analyses.edges import Edge, EdgeAttribution, edge_attribution, path_patching
 from lens_palrp.analyses.faithfulness import ground_truth_scores, perturbation_test, relevance_maps
 from lens_palrp.analyses.patching import (
     PatchingComparison,
@@ -43,6 +44,7 @@ from lens_palrp.analyses.plots import (
 __all__ = [
     "DatasetStats", "collect", "dataset_distance_figure", "dataset_figures", "dataset_layer_share_figure",
     "dataset_positional_heads_figure", "dataset_report", "dataset_top_heads_figure", "top_heads",
+    "Edge", "EdgeAttribution", "edge_attribution", "path_patching",
     "faithfulness", "ground_truth_scores", "perturbation_test", "relevance_maps",
     "PatchingComparison", "PatchingResult", "activation_patching", "compare_with_patching", "logit_difference",
     "pearson", "relevance_patching", "spearman",
