@@ -276,6 +276,9 @@ class Attribution:
     # BERT-style token-type (segment) embedding: a third input sink, neither token nor position
     token_type: Optional[Tensor] = _spec(TENSOR, "batch pos", finite=True, default=None)
     model_name: str = _spec(VALUE, default="")
+    # for reports: each prompt as the tokenizer decodes it, and what was explained, in words
+    prompt_text: Optional[List[str]] = _spec(VALUE, "batch", default=None)
+    target_label: Optional[List[str]] = _spec(VALUE, "batch", default=None)
     # how the sweep ran: {"attention": "fused" | "eager", "eager_reason": str | None, "checkpoint": bool}
     computation: Optional[Dict[str, object]] = _spec(VALUE, default=None)
     metadata: Dict[str, object] = _spec(FILE, default_factory=dict)  # versions etc. of a loaded file
