@@ -72,7 +72,7 @@ _CSS = (
     ".lp-view .lp-tok{white-space:pre;padding:1px 2px;margin:0 1px;border-radius:3px;"
     "font-family:monospace;border:1px solid #ddd}"
     ".lp-view .lp-scale{color:#777;font-size:11px;margin-left:6px}"
-    ".lp-view pre{font-size:12px;line-height:1.3;background:#f7f7f7;padding:6px}</style>"
+    ".lp-view pre{font-size:12px;line-height:1.3;background:#f7f7f7;padding:6px;white-space:pre-wrap}</style>"
 )
 
 

@@ -185,13 +185,15 @@ def token_relevance_figure(attr: Attribution, index: Optional[int] = 0, aggregat
             lo, hi = 1 - (top + TOKEN_ROW_PX) / plot_px, 1 - top / plot_px
             limit = _limit(values)
             last = r == len(rows) - 1
-            show_text = len(labels) <= 40
+            show_text = len(labels) <= 24  # numbers in the cells while they fit
+            digits = ".3g" if len(labels) <= 12 else ".2g"
             fig.add_trace(go.Heatmap(
                 z=[values.tolist()], x=labels, y=[name], xaxis=f"x{suffix}", yaxis=f"y{suffix}",
                 colorscale=DIVERGING, zauto=False, zmin=-limit, zmax=limit,
-                colorbar=dict(y=(lo + hi) / 2, yanchor="middle", len=hi - lo, thickness=10, nticks=3,
-                              x=1.0, xanchor="left", tickformat=".2g"),
-                text=[[f"{v:.3g}" for v in values.tolist()]] if show_text else None,
+                colorbar=dict(y=(lo + hi) / 2, yanchor="middle", len=hi - lo, thickness=10, x=1.0,
+                              xanchor="left", tickvals=[-limit, 0, limit],
+                              ticktext=[f"{-limit:.3g}", "0", f"{limit:.3g}"]),  # the row's range, labelled
+                text=[[format(v, digits) for v in values.tolist()]] if show_text else None,
                 texttemplate="%{text}" if show_text else None,
                 hovertemplate="%{x}<br>%{y}: %{z:.6g}<extra></extra>",
             ))
