@@ -34,6 +34,7 @@ from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_input_relevance, softmax_output_relevance
 from lens_palrp.safety import model_left_unchanged
+from lens_palrp.labels import describe
 from lens_palrp.targets import HookTarget, LogitTarget, TargetSpec, resolve_target
 
 class _StopForward(Exception):
@@ -548,7 +549,9 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
         if precision.gradient_scale != 1.0:
             raise _ScaledBackwardOverflow from err
         raise
-    return family.finish(attr, prepared, sink_relevance, options)
+    attr = family.finish(attr, prepared, sink_relevance, options)
+    attr.prompt_text, attr.target_label = describe(family, prepared, target, target_fn, hook_target)  # for reports
+    return attr
 
 
 def _require_hooks_in_path(family, model, tokens, target, method, position, attention_mask, prepend_bos,

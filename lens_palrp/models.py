@@ -159,6 +159,8 @@ def hooked_transformer_from_folder(folder: str, dtype: DtypeLike = torch.float32
     """``hooked_transformer_from_hf`` for a local Hugging Face folder (weights + tokenizer). The
     Hugging Face model is read on the CPU for the conversion; the HookedTransformer is built on
     ``device`` (split over ``n_devices`` CUDA devices if more than 1)."""
+    import os
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = as_dtype(dtype)
@@ -166,7 +168,9 @@ def hooked_transformer_from_folder(folder: str, dtype: DtypeLike = torch.float32
     n_devices = as_n_devices(n_devices, device)  # before the weights are read, not after
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return hooked_transformer_from_hf(hf.eval(), tokenizer, dtype, device=device, n_devices=n_devices)
+    model = hooked_transformer_from_hf(hf.eval(), tokenizer, dtype, device=device, n_devices=n_devices)
+    model.cfg.model_name = os.path.basename(os.path.normpath(folder))  # reports name it, not "custom"
+    return model
 
 
 def bridge_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu",
@@ -278,7 +282,9 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: DtypeLike = torch.f
         clean.load_state_dict(quantized.state_dict())
         clean.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    return bridge_from_folder(folder, dtype=dtype, device=device, device_map=device_map)
+    model = bridge_from_folder(folder, dtype=dtype, device=device, device_map=device_map)
+    model.cfg.model_name = "gemma-3-270m"  # reports name the model, not the cache folder
+    return model
 
 
 def hooked_encoder_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu"):

@@ -276,6 +276,9 @@ class Attribution:
     # BERT-style token-type (segment) embedding: a third input sink, neither token nor position
     token_type: Optional[Tensor] = _spec(TENSOR, "batch pos", finite=True, default=None)
     model_name: str = _spec(VALUE, default="")
+    # for reports: each prompt as the tokenizer decodes it, and what was explained, in words
+    prompt_text: Optional[List[str]] = _spec(VALUE, "batch", default=None)
+    target_label: Optional[List[str]] = _spec(VALUE, "batch", default=None)
     # how the sweep ran: {"attention": "fused" | "eager", "eager_reason": str | None, "checkpoint": bool}
     computation: Optional[Dict[str, object]] = _spec(VALUE, default=None)
     metadata: Dict[str, object] = _spec(FILE, default_factory=dict)  # versions etc. of a loaded file
@@ -459,12 +462,66 @@ class Attribution:
         toks = self.str_tokens[index]
         return [(int(p), toks[int(p)], float(v)) for v, p in zip(values, positions)]
 
-    def report(self, path: str, index: int = 0, title: Optional[str] = None) -> str:
-        """One standalone HTML page with every view of example ``index`` (token maps, per-head
-        positional and semantic heatmaps, per-layer shares, residual stream, conservation)."""
+    def report(self, path: str, index: int = 0, title: Optional[str] = None, plotlyjs: str = "inline") -> str:
+        """One HTML page with every view of example ``index`` (what was explained, token maps,
+        per-head positional and semantic heatmaps, per-layer shares, residual stream,
+        conservation). ``plotlyjs="inline"`` makes it standalone (works offline); ``"beside"``
+        writes ``plotly.min.js`` once next to it and keeps the page small."""
         from lens_palrp.analyses.plots import write_report
 
-        return write_report(self, path, check_index(index, self.batch_size), title)
+        return write_report(self, path, check_index(index, self.batch_size), title, plotlyjs=plotlyjs)
+
+    def _repr_html_(self) -> str:
+        """The notebook view: the first few examples' tokens coloured by semantic, positional and
+        combined relevance (numbers on hover) and their conservation tables; plain HTML."""
+        from lens_palrp.html_view import notebook_view
+
+        return notebook_view(self)
+
+    def to_frame(self, kind: str = "tokens", aggregation: str = "relu"):
+        """A tidy ``pandas.DataFrame`` (one row per observation) of the whole batch, padding left out.
+
+        ``"tokens"``: example x position, with ``token``, ``semantic``, ``positional`` (input PE
+        plus attention level), ``combined`` (``combined(aggregation)``) and ``explained`` (the
+        target's position). ``"heads"``: example x layer x head, with ``relevance`` (what the head
+        writes into the residual stream, ``heads``) and ``positional`` (its positional sink,
+        summed over positions). ``"layers"``: example x layer, with ``positional_sink``,
+        ``residual_in`` (relevance of the residual stream entering the layer) and ``mlp``.
+        """
+        import pandas as pd
+
+        kinds = ("tokens", "heads", "layers")
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+        if kind == "tokens":
+            if aggregation != "signed":
+                self._require_reductions(f"to_frame('tokens', aggregation={aggregation!r})")
+            b, p = self.attention_mask.cpu().nonzero(as_tuple=True)  # real positions, example-major
+            positional = (self.positional_input + self.positional.sum((1, 2))).cpu()
+            return pd.DataFrame({
+                "example": b.numpy(), "position": p.numpy(),
+                "token": [self.str_tokens[i][j] for i, j in zip(b.tolist(), p.tolist())],
+                "semantic": self.semantic.cpu()[b, p].double().numpy(),
+                "positional": positional[b, p].double().numpy(),
+                "combined": self.combined(aggregation).cpu()[b, p].double().numpy(),
+                "explained": (p == self.target_position.cpu()[b]).numpy(),
+            })
+        batch, layers, heads, _ = self.positional.shape
+        if kind == "heads":
+            b, l, h = (g.reshape(-1) for g in torch.meshgrid(
+                torch.arange(batch), torch.arange(layers), torch.arange(heads), indexing="ij"))
+            return pd.DataFrame({
+                "example": b.numpy(), "layer": l.numpy(), "head": h.numpy(),
+                "relevance": self.heads.cpu()[b, l, h].double().numpy(),
+                "positional": self.positional.sum(-1).cpu()[b, l, h].double().numpy(),
+            })
+        b, l = (g.reshape(-1) for g in torch.meshgrid(torch.arange(batch), torch.arange(layers), indexing="ij"))
+        return pd.DataFrame({
+            "example": b.numpy(), "layer": l.numpy(),
+            "positional_sink": self.positional.sum((2, 3)).cpu()[b, l].double().numpy(),
+            "residual_in": self.residual.sum(-1).cpu()[b, l].double().numpy(),
+            "mlp": self.mlp.sum(-1).cpu()[b, l].double().numpy(),
+        })
 
     def save(self, path: str, model_config=None) -> str:
         """Write one safetensors file at ``path`` (save format 2) and return ``path``.

@@ -188,6 +188,7 @@ def load(name: str, kind: Optional[str] = None, dtype: DtypeLike = torch.float32
         # the zoo's tasks start with <bos>; TransformerLens' BLOOM adapter assumes no BOS
         model.cfg.default_prepend_bos = True
     model.eval()
+    model.cfg.model_name = name  # reports name the zoo model (not "custom" or the package folder)
     return model, model.tokenizer
 
 
