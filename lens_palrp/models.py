@@ -339,6 +339,10 @@ def bridge_from_hf(hf_model, tokenizer, dtype: Optional[DtypeLike] = None, devic
     model you load yourself over devices: TransformerLens takes no ``device_map`` together with a
     loaded model. A ``device`` moves ``hf_model`` there in place (like ``dtype``); a model already
     spread by a device map is refused rather than gathered onto one device.
+
+    TransformerBridge wraps ``hf_model``'s submodules in its own components in place, so
+    ``hf_model``'s module tree (and state_dict keys) change; ``lp.explain(hf_model, ...)``
+    (``explainable``) wraps a copy that shares the weights instead and leaves ``hf_model`` as it is.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -383,3 +387,85 @@ def _cast_parameters(hf_model, dtype) -> None:
     with torch.no_grad():
         for p in params:
             p.data = p.data.to(dtype)
+
+
+# ------------------------------------------------------------------- Hugging Face model objects
+# hf_model -> (what the bridge was built for, the bridge); weak keys: an entry goes with its model.
+# The bridge wraps a structural copy that shares hf_model's parameters and buffers but not
+# hf_model itself, so the cached value never keeps its key alive.
+_HF_BRIDGES = None  # a weakref.WeakKeyDictionary, created on first use
+
+
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers:
+    a model object of that class means the package is imported already)."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def explainable(model, tokenizer=None):
+    """``model`` as ``lp.explain`` takes it: a Hugging Face ``PreTrainedModel`` becomes a
+    ``TransformerBridge`` (built once per model object and cached while it lives); anything else
+    is returned as it is.
+
+    The tokenizer: ``tokenizer`` if given, else the one saved in the model's ``name_or_path``
+    (read with ``local_files_only=True``, never downloaded), else a ``ValueError`` asking for it.
+    ``hf_model`` itself is not touched: TransformerBridge rewires the module tree it wraps in place
+    (``bridge_from_hf``), so it wraps a copy of the module tree that shares the parameters and
+    buffers (no weights are copied; later in-place weight updates are seen). The bridge is rebuilt
+    when the tokenizer, the parameters' dtype or device, or the parameter objects change.
+    """
+    if not is_hf_model(model):
+        if tokenizer is not None:
+            raise ValueError("tokenizer= is for Hugging Face model objects (transformers.PreTrainedModel); "
+                             f"a {type(model).__name__} brings its own tokenizer")
+        return model
+    global _HF_BRIDGES
+    import weakref
+
+    if _HF_BRIDGES is None:
+        _HF_BRIDGES = weakref.WeakKeyDictionary()
+    cached = _HF_BRIDGES.get(model)
+    if tokenizer is None:
+        tokenizer = cached[0][0] if cached is not None else _saved_tokenizer(model)
+    key = (tokenizer, _parameter_fingerprint(model))
+    if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
+        return cached[1]
+    bridge = bridge_from_hf(_shared_copy(model), tokenizer)
+    _HF_BRIDGES[model] = (key, bridge)
+    return bridge
+
+
+def _parameter_fingerprint(hf_model):
+    """What a cached bridge depends on beyond the module tree: the parameter and buffer objects
+    (a reloaded weight is a new object) and where and in what precision they are."""
+    tensors = list(hf_model.parameters()) + list(hf_model.buffers())
+    return tuple((id(t), t.dtype, t.device) for t in tensors)
+
+
+def _shared_copy(hf_model):
+    """A deep copy of ``hf_model``'s modules and config whose parameters and buffers are
+    ``hf_model``'s own tensors (a ``deepcopy`` memo that maps each to itself)."""
+    import copy
+
+    memo = {id(t): t for t in list(hf_model.parameters()) + list(hf_model.buffers())}
+    return copy.deepcopy(hf_model, memo)
+
+
+def _saved_tokenizer(hf_model):
+    """The tokenizer saved with the model (``name_or_path``), offline, or a ValueError."""
+    from transformers import AutoTokenizer
+
+    where = getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "_name_or_path", "")
+    hint = ("pass it: lp.explain(hf_model, ..., tokenizer=AutoTokenizer.from_pretrained(...)) "
+            "(lens_palrp never downloads one)")
+    if not where:
+        raise ValueError(f"this {type(hf_model).__name__} was not loaded from a folder, so it has no tokenizer; {hint}")
+    try:
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"no tokenizer could be read from the model's name_or_path {where!r} ({first}); {hint}") from None
