@@ -9,6 +9,7 @@ do not load torch and TransformerLens until something needs them.
 """
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,8 @@ __all__ = [*_NAMES, *_SUBMODULES, "__version__"]
 def __getattr__(name):
     if name in _NAMES:
         value = getattr(importlib.import_module(_NAMES[name]), name)
-    elif name in _SUBMODULES:
+    elif name in _SUBMODULES or (not name.startswith("_") and importlib.util.find_spec(f"lens_palrp.{name}")):
+        # any submodule, as the eager package had them all imported (lp.engine, lp.hooks, lp.io)
         value = importlib.import_module(f"lens_palrp.{name}")
     else:
         raise AttributeError(f"module 'lens_palrp' has no attribute {name!r}")
