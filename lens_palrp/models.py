@@ -166,7 +166,7 @@ def hooked_transformer_from_folder(folder: str, dtype: DtypeLike = torch.float32
     dtype = as_dtype(dtype)
     device = as_device(device)
     n_devices = as_n_devices(n_devices, device)  # before the weights are read, not after
-    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = hooked_transformer_from_hf(hf.eval(), tokenizer, dtype, device=device, n_devices=n_devices)
     model.cfg.model_name = os.path.basename(os.path.normpath(folder))  # reports name it, not "custom"
