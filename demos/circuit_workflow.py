@@ -44,15 +44,30 @@ print(per_head)
 an.write_html([an.positional_heads_figure(attr), an.heads_figure(attr)], os.path.join(OUT, "circuit_heads.html"))
 
 # %% [markdown]
-# ## 3. Compare with activation patching (and attribution-patching estimates)
+# ## 3. Compare with activation patching over a set of pairs (and attribution-patching estimates)
+#
+# Sixteen pairs: random symbols, the answer (3 back from the end) swapped in the corrupted prompt.
+# Activation patching runs once; the estimates reuse it (`patching=`), so nothing runs twice.
 
 # %%
-comparison = an.compare_with_patching(model, clean, corrupted, metric)
-for method, corr in comparison.correlations.items():
-    print(method, {name: round(value, 3) for name, value in corr.items()})
-estimates = an.relevance_patching(model, clean, corrupted, metric)
-for method, corr in estimates.correlations.items():
-    print("estimate", method, {name: round(value, 3) for name, value in corr.items()})
+import numpy as np
+
+rng = np.random.default_rng(0)
+symbols = list("abcdefghijklmnop")
+cleans, corrupteds, correct, wrong = [clean], [corrupted], ["k"], ["n"]
+for _ in range(15):
+    words = list(rng.choice(symbols, 8))
+    other = str(rng.choice([s for s in symbols if s != words[-3]]))
+    cleans.append(" ".join(words))
+    corrupteds.append(" ".join(words[:-3] + [other] + words[-2:]))
+    correct.append(words[-3])
+    wrong.append(other)
+pair_metric = an.logit_difference(correct, wrong, model=model)  # each pair its own answer
+patched = an.activation_patching(model, cleans, corrupteds, pair_metric)
+comparison = an.compare_with_patching(model, cleans, corrupteds, pair_metric, patching=patched)
+estimates = an.relevance_patching(model, cleans, corrupteds, pair_metric, patching=patched)
+print(comparison.agreement(n_resamples=500).query("statistic == 'spearman_of_means'").round(3))
+print(estimates.agreement(n_resamples=500).query("statistic == 'spearman_of_means'").round(3))
 an.write_html([comparison.figure("pa_lrp"), estimates.figure("pa_lrp")], os.path.join(OUT, "circuit_patching.html"))
 
 # %% [markdown]

@@ -1,7 +1,7 @@
-"""Activation patching side by side, and relevance patching: on the zoo model and on tiny
+"""Activation patching and relevance patching on one pair: on the zoo model and on tiny
 TransformerBridges in both hook namings (TransformerLens 3.9 and 4.x). What they check holds for
 any model; ``tests/test_analyses_bridge.py`` checks the bridges' numbers against patching the
-Hugging Face modules by hand."""
+Hugging Face modules by hand, ``tests/test_patching_sets.py`` the sets of pairs and statistics."""
 
 import math
 import warnings
@@ -65,17 +65,21 @@ def test_patching_the_only_changed_position_restores_the_clean_metric(setup):
     cmp = an.compare_with_patching(model, CLEAN, CORRUPTED, metric)
     with torch.no_grad():
         full = float(metric(model(model.to_tokens(CLEAN))) - metric(model(model.to_tokens(CORRUPTED))))
-    # TransformerLens stores patching results in a float32 tensor
-    assert float(cmp.patching_resid[0, 5]) == pytest.approx(full, rel=1e-6)
-    assert float(cmp.patching_resid[0, :5].abs().max()) == 0.0  # unchanged positions: no effect
-    rows = cmp.table()
-    assert len(rows) == 2 * 4 + 2 * 9 and {"patching", "pa_lrp", "attn_lrp"} <= set(rows[0])
-    for method in ("pa_lrp", "attn_lrp"):
-        for value in cmp.correlations[method].values():
-            assert -1 <= value <= 1
-    torch.testing.assert_close(cmp.scores_heads["pa_lrp"], lp.explain(model, CLEAN, lambda x: metric(x)).heads[0])
+    patched = cmp.patching
+    assert patched.resid.dtype == torch.float64 and tuple(patched.resid.shape) == (1, 2, 9)
+    assert float(patched.resid[0, 0, 5]) == pytest.approx(full, rel=1e-9)
+    assert float(patched.resid[0, 0, :5].abs().max()) == 0.0  # unchanged positions: no effect
+    assert float(patched.clean_metric[0] - patched.corrupted_metric[0]) == pytest.approx(full, rel=1e-12)
+    # head outputs before the changed position are the same in both runs: patching them does nothing
+    assert float(patched.head_pos[0, :, :, :5].abs().max()) == 0.0
+    frame = cmp.to_frame()
+    assert set(frame["source"]) == {"patching", "pa_lrp", "attn_lrp"}
+    agreement = cmp.agreement()
+    assert set(agreement["method"]) == {"pa_lrp", "attn_lrp"} and (agreement["n_pairs"] == 1).all()
+    assert agreement["value"].dropna().between(-1, 1).all()
+    torch.testing.assert_close(cmp.scores["pa_lrp"]["heads"], lp.explain(model, CLEAN, lambda x: metric(x)).heads.double())
     fig = cmp.figure("pa_lrp")
-    assert len(fig.data) == 4 and "Spearman" in fig.layout.title.text
+    assert len(fig.data) == 2 * len(cmp.components) and "pa_lrp" in fig.layout.title.text
 
 
 def test_gradient_estimate_is_attribution_patching(setup):
@@ -83,6 +87,7 @@ def test_gradient_estimate_is_attribution_patching(setup):
     here with plain autograd through TransformerLens hooks."""
     model, metric = setup
     rp = an.relevance_patching(model, CLEAN, CORRUPTED, metric, methods=("grad", "pa_lrp"))
+    assert rp.patching is None  # estimates only: no activation patching ran
     corr = model.to_tokens(CORRUPTED)
     _, clean_cache = model.run_with_cache(model.to_tokens(CLEAN))
     acts = {}
@@ -103,13 +108,15 @@ def test_gradient_estimate_is_attribution_patching(setup):
     # a bridge's own eager softmax runs in float32 even in a float64 model; the sweep's fused
     # attention runs in the model's dtype: the two gradients agree to float32 rounding there
     tight = not lp.hooks.transformer_bridge.is_transformer_bridge(model)
-    torch.testing.assert_close(rp.scores_heads["grad"], expected, rtol=1e-8 if tight else 1e-5,
+    got = rp.scores["grad"]["heads"][0]
+    torch.testing.assert_close(got, expected.double(), rtol=1e-8 if tight else 1e-5,
                                atol=1e-10 if tight else 1e-6 * float(expected.abs().max()))
-    assert not torch.allclose(rp.scores_heads["pa_lrp"], expected)  # the rules change the gradient
-    assert all(not math.isnan(v) for v in rp.correlations["pa_lrp"].values())
+    assert not torch.allclose(rp.scores["pa_lrp"]["heads"][0], expected.double())  # the rules change the gradient
+    with pytest.raises(ValueError, match="needs activation patching"):
+        rp.agreement()
 
 
 def test_inputs_must_align(setup):
     model, metric = setup
-    with pytest.raises(ValueError, match="same number of tokens"):
+    with pytest.raises(ValueError, match="pair 0: clean has 9 tokens and corrupted 4"):
         an.compare_with_patching(model, CLEAN, "c h a", metric)

@@ -196,7 +196,8 @@ def _component_hooks(family, components: Optional[Sequence[str]]) -> Dict[str, L
             hooks[comp] = layer_hooks(family, Role.RESID_PRE)
         else:
             names = [get_act_name("mlp_out", layer) for layer in range(family.n_layers)]
-            missing = [n for n in names if not family.has_hook(n)]
+            attn_only = bool(getattr(getattr(family.model, "cfg", None), "attn_only", False))
+            missing = names if attn_only else [n for n in names if not family.has_hook(n)]
             if missing:
                 if default:
                     continue
@@ -257,7 +258,10 @@ def _ids(spec, model, what: str) -> Tensor:
         if isinstance(item, str):
             if model is None:
                 raise ValueError(f"{what}: token strings need the model (logit_difference(..., model=model))")
-            ids.append(int(model.to_single_token(item)))
+            try:
+                ids.append(int(model.to_single_token(item)))
+            except (AssertionError, ValueError) as err:
+                raise ValueError(f"{what}: {item!r} is not a single token of the model") from err
         elif isinstance(item, (int, np.integer)):
             ids.append(int(item))
         else:

@@ -1,0 +1,331 @@
+"""Patching over sets of prompt pairs: batching, MLP patching, linear components, reuse, the
+progress bar, TransformerLens' own attribution patching, and the bootstrap statistics."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import lens_palrp as lp
+from lens_palrp import analyses as an
+from lens_palrp.analyses import patching as P
+
+SYMBOLS = list("abcdefghijklmnop")
+
+
+def repeat_pairs(n, n_symbols=8, seed=0):
+    """``n`` pairs for the zoo's repeat-3-back task: the answer (3 back from the end) is replaced
+    by another symbol in the corrupted prompt; ``(clean, corrupted, correct, wrong)``."""
+    rng = np.random.default_rng(seed)
+    clean, corrupted, correct, wrong = [], [], [], []
+    for _ in range(n):
+        words = list(rng.choice(SYMBOLS, n_symbols))
+        other = rng.choice([s for s in SYMBOLS if s != words[-3]])
+        clean.append(" ".join(words))
+        corrupted.append(" ".join(words[:-3] + [other] + words[-2:]))
+        correct.append(words[-3])
+        wrong.append(other)
+    return clean, corrupted, correct, wrong
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    if not lp.zoo.available():
+        pytest.skip("the zoo models do not load here")
+    model, _ = lp.zoo.load("rope-repeat")
+    model = model.to(torch.float64)
+    model.cfg.dtype = torch.float64
+    return model
+
+
+def linear_tail_model(attn_only=False):
+    """A random float64 HookedTransformer without normalization: the last layer's MLP output (and,
+    attention-only, the last layer's head outputs) reach the logits linearly, so attribution
+    patching is exact there."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        pytest.skip("no HookedTransformer in this TransformerLens (4.x): the linear-tail model needs one")
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=None if attn_only else 32,
+                                  act_fn="gelu", normalization_type=None, d_vocab=12, n_ctx=10,
+                                  dtype=torch.float64, model_name="linear-tail", attn_only=attn_only)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def linear_tail():
+    return linear_tail_model()
+
+
+def test_batched_patching_equals_one_pair_at_a_time(zoo):
+    """Rows of different pairs and units share forwards (batch_size 37 cuts through both); pairs
+    of two lengths are grouped. Each pair's effects must be those of patching it alone."""
+    clean, corrupted, correct, wrong = repeat_pairs(3, seed=1)
+    c2, k2, correct2, wrong2 = repeat_pairs(2, n_symbols=6, seed=2)
+    clean, corrupted, correct, wrong = clean + c2, corrupted + k2, correct + correct2, wrong + wrong2
+    metric = an.logit_difference(correct, wrong, model=zoo)
+    together = an.activation_patching(zoo, clean, corrupted, metric, batch_size=37, progress=False)
+    assert together.resid.shape == (5, 2, 9) and together.head_pos.shape == (5, 2, 4, 9)
+    assert torch.isnan(together.resid[3:, :, 7:]).all() and not torch.isnan(together.resid[:3]).any()
+    for i in range(5):
+        alone = an.activation_patching(zoo, clean[i], corrupted[i], an.logit_difference(correct[i], wrong[i], model=zoo),
+                                       batch_size=1000, progress=False)
+        for comp, grid in alone.effects.items():
+            T = grid.shape[-1] if comp in P.POSITIONAL else None
+            got = together.effects[comp][i]
+            got = got[..., :T] if T is not None else got
+            torch.testing.assert_close(got, grid[0], rtol=1e-10, atol=1e-12, msg=f"pair {i} {comp}")
+    with pytest.raises(ValueError, match="different lengths"):
+        together.mean("resid")
+    torch.testing.assert_close(together.mean("heads"), together.heads.mean(0))
+
+
+def test_mlp_and_head_patching_match_hand_written_hooks(zoo):
+    clean, corrupted, correct, wrong = repeat_pairs(2, seed=3)
+    metric = an.logit_difference(correct, wrong, model=zoo)
+    got = an.activation_patching(zoo, clean, corrupted, metric, components=("mlp", "head_pos"), progress=False)
+    assert set(got.effects) == {"mlp", "head_pos"}
+    ids = torch.tensor([zoo.to_single_token(s) for s in correct]), torch.tensor([zoo.to_single_token(s) for s in wrong])
+    for i in range(2):
+        c, k = zoo.to_tokens(clean[i]), zoo.to_tokens(corrupted[i])
+        m = lambda logits: float(logits[0, -1, ids[0][i]] - logits[0, -1, ids[1][i]])
+        with torch.no_grad():
+            _, cache = zoo.run_with_cache(c)
+            base = m(zoo(k))
+            for layer in range(2):
+                name = f"blocks.{layer}.hook_mlp_out"
+                patched = zoo.run_with_hooks(k, fwd_hooks=[(name, lambda act, hook, n=name: cache[n])])
+                assert float(got.mlp[i, layer]) == pytest.approx(m(patched) - base, rel=1e-10, abs=1e-12)
+            for layer, head, pos in [(1, 2, 8), (0, 1, 6), (1, 0, 7)]:
+                name = f"blocks.{layer}.attn.hook_z"
+
+                def one(act, hook, n=name, h=head, p=pos):
+                    act = act.clone()
+                    act[:, p, h] = cache[n][:, p, h]
+                    return act
+
+                patched = zoo.run_with_hooks(k, fwd_hooks=[(name, one)])
+                assert float(got.head_pos[i, layer, head, pos]) == pytest.approx(m(patched) - base, rel=1e-10, abs=1e-12)
+    assert float(got.mlp.abs().max()) > 1e-3  # the MLPs matter here: the comparison is not of zeros
+
+
+@pytest.mark.parametrize("attn_only", [False, True])
+def test_estimate_is_exact_where_the_metric_is_linear(attn_only):
+    """Without normalization the last layer's MLP output (attention-only: its z) reaches the logit
+    difference linearly: (clean - corrupted) . gradient is the patching effect, to float64
+    rounding. The first layer's are not linear (attention and GELU follow): the estimate differs."""
+    model = linear_tail_model(attn_only)
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 12, (4, 7), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 3] = (clean[:, 3] + 1 + torch.randint(0, 10, (4,), generator=gen)) % 12
+    metric = an.logit_difference([1, 2, 3, 4], [5, 6, 7, 8])
+    rp = an.relevance_patching(model, clean, corrupted, metric, methods=("grad",), patching=True)
+    est, true = rp.scores["grad"], rp.patching.effects
+    assert ("mlp" in true) is not attn_only  # an attention-only model has no MLP to patch
+    for comp in ("heads", "head_pos") if attn_only else ("mlp",):
+        torch.testing.assert_close(est[comp][:, 1], true[comp][:, 1], rtol=1e-9, atol=1e-12, msg=comp)
+        assert float((est[comp][:, 0] - true[comp][:, 0]).abs().max()) > 1e-4 * float(true[comp][:, 0].abs().max())
+        assert float(true[comp][:, 1].abs().max()) > 1e-2
+
+
+def test_grad_estimate_equals_autograd_and_transformer_lens(zoo):
+    """Against attribution patching by hand (torch.autograd on the corrupted batch) for every
+    component, and against TransformerLens' own ``attribution_patch`` where it ships (3.9 and 4.3
+    have ``transformer_lens.tools.analysis.attribution_patching``)."""
+    clean, corrupted, _, _ = repeat_pairs(4, seed=4)
+    # TransformerLens' metric sees one example at a time: one (correct, wrong) for every pair
+    clean = [" ".join(s.split()[:-3] + ["k"] + s.split()[-2:]) for s in clean]
+    corrupted = [" ".join(s.split()[:-3] + ["n"] + s.split()[-2:]) for s in corrupted]
+    metric = an.logit_difference("k", "n", model=zoo)
+    rp = an.relevance_patching(zoo, clean, corrupted, metric, methods=("grad", "relp"))
+    c, k = zoo.to_tokens(clean), zoo.to_tokens(corrupted)
+    names = {kind: [f"blocks.{l}.{kind}" for l in range(2)] for kind in ("attn.hook_z", "hook_resid_pre", "hook_mlp_out")}
+    flat = [n for ns in names.values() for n in ns]
+    with torch.no_grad():
+        _, cache = zoo.run_with_cache(c, names_filter=flat)
+    acts, zeros = {}, {}
+
+    def leaf(name):  # act + a zero leaf of our own: the leaf's .grad is the gradient at the hook
+        def add(act, hook):
+            acts[name] = act.detach().clone()
+            zeros[name] = torch.zeros_like(acts[name], requires_grad=True)
+            return act + zeros[name]
+        return add
+
+    with zoo.hooks(fwd_hooks=[(n, leaf(n)) for n in flat]):
+        metric(zoo(k)).sum().backward()
+    zoo.zero_grad(set_to_none=True)
+    prod = {n: (cache[n] - acts[n]) * zeros[n].grad for n in flat}
+    expected = {
+        "heads": torch.stack([prod[n].sum((1, 3)) for n in names["attn.hook_z"]], 1),
+        "head_pos": torch.stack([prod[n].sum(3).transpose(1, 2) for n in names["attn.hook_z"]], 1),
+        "resid": torch.stack([prod[n].sum(2) for n in names["hook_resid_pre"]], 1),
+        "mlp": torch.stack([prod[n].sum((1, 2)) for n in names["hook_mlp_out"]], 1),
+    }
+    # under TransformerLens 4 the zoo is a bridge: its eager softmax (the hand-run) is float32
+    tol = dict(rtol=1e-5, atol=1e-6) if lp.hooks.transformer_bridge.is_transformer_bridge(zoo) else \
+        dict(rtol=1e-9, atol=1e-12)
+    for comp, want in expected.items():
+        torch.testing.assert_close(rp.scores["grad"][comp], want.double(), **tol, msg=comp)
+    assert not torch.allclose(rp.scores["relp"]["heads"], expected["heads"])  # relp's rules act
+    try:
+        ap = importlib.import_module("transformer_lens.tools.analysis.attribution_patching")
+    except ImportError:
+        pytest.skip("this TransformerLens ships no attribution_patch: compared with autograd only")
+    nodes = ap.attribution_patch(zoo, c, k, lambda logits: metric(logits).sum()).node_scores
+    head_pos = rp.scores["grad"]["head_pos"].mean(0)
+    mlp_pos = expected["mlp"]  # TransformerLens scores the MLP per position: sum them
+    tl_heads = torch.tensor([[[nodes[ap.Node("attn_head_out", p, l, h)] for p in range(9)] for h in range(4)]
+                             for l in range(2)], dtype=torch.float64)
+    tl_mlp = torch.tensor([sum(nodes[ap.Node("mlp_out", p, l)] for p in range(9)) for l in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(head_pos, tl_heads, **tol)
+    torch.testing.assert_close(rp.scores["grad"]["mlp"].mean(0), tl_mlp, **tol)
+    assert float(tl_heads.abs().max()) > 1e-3 and mlp_pos.shape == (4, 2)
+
+
+@pytest.mark.parametrize("mode", ["default", "compat"])
+def test_grad_estimate_equals_transformer_lens_attribution_patch_on_a_bridge(tmp_path, mode):
+    """The bridge, in both hook namings, against TransformerLens' ``attribution_patch`` (which
+    targets the bridge): per head and position, and per MLP output."""
+    pytest.importorskip("transformer_lens.model_bridge")
+    try:
+        ap = importlib.import_module("transformer_lens.tools.analysis.attribution_patching")
+    except ImportError:
+        pytest.skip("this TransformerLens ships no attribution_patch")
+    from bridges import tiny_gpt2
+
+    _, bridge = tiny_gpt2(tmp_path)
+    if mode == "compat":
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    clean = ["c h a p k b e g", "a b c d k f g h", "p o n m k l a b"]
+    corrupted = [s.replace("k", "n") for s in clean]
+    metric = an.logit_difference("k", "n", model=bridge)
+    rp = an.relevance_patching(bridge, clean, corrupted, metric, methods=("grad",), components=("mlp", "head_pos"))
+    c, k = bridge.to_tokens(clean), bridge.to_tokens(corrupted)
+    nodes = ap.attribution_patch(bridge, c, k, lambda logits: metric(logits).sum()).node_scores
+    tl_heads = torch.tensor([[[nodes[ap.Node("attn_head_out", p, l, h)] for p in range(9)] for h in range(4)]
+                             for l in range(2)], dtype=torch.float64)
+    tl_mlp = torch.tensor([sum(nodes[ap.Node("mlp_out", p, l)] for p in range(9)) for l in range(2)], dtype=torch.float64)
+    scale = float(tl_heads.abs().max())
+    assert scale > 1e-3
+    # the bridge's eager softmax (TransformerLens' run) is float32; the sweep's fused one float64
+    torch.testing.assert_close(rp.scores["grad"]["head_pos"].mean(0), tl_heads, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(rp.scores["grad"]["mlp"].mean(0), tl_mlp, rtol=1e-5,
+                               atol=1e-6 * float(tl_mlp.abs().max()))
+
+
+def test_reuse_with_other_inputs_model_or_metric_is_refused(zoo, linear_tail):
+    clean, corrupted, correct, wrong = repeat_pairs(3, seed=5)
+    metric = an.logit_difference(correct, wrong, model=zoo)
+    pr = an.activation_patching(zoo, clean, corrupted, metric, components=("heads",), progress=False)
+    reused = an.relevance_patching(zoo, clean, corrupted, metric, methods=("grad",), patching=pr)
+    assert reused.patching is pr and reused.components == ["heads"]
+    with pytest.raises(ValueError, match="other inputs"):
+        an.relevance_patching(zoo, clean[:2], corrupted[:2], metric, methods=("grad",), patching=pr)
+    swapped = [corrupted[0]] + corrupted[1:]
+    swapped[1] = clean[1]
+    with pytest.raises(ValueError, match="other inputs"):
+        an.compare_with_patching(zoo, clean, swapped, metric, patching=pr)
+    with pytest.raises(ValueError, match="another metric"):
+        an.relevance_patching(zoo, clean, corrupted, an.logit_difference(wrong, correct, model=zoo),
+                              methods=("grad",), patching=pr)
+    tokens = torch.randint(0, 12, (3, 5))
+    with pytest.raises(ValueError, match="computed on model"):
+        an.relevance_patching(linear_tail, tokens, tokens, an.logit_difference(1, 2), patching=pr)
+
+
+def test_one_progress_bar_for_the_whole_job(zoo, monkeypatch, capsys):
+    import transformer_lens.patching as tl_patching
+
+    bars = []
+
+    class Recording(P.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TransformerLens' per-layer bars must not run")
+
+    monkeypatch.setattr(P, "tqdm", Recording)
+    monkeypatch.setattr(tl_patching, "tqdm", refuse)
+    clean, corrupted, correct, wrong = repeat_pairs(3, seed=6)
+    c2, k2, _, _ = repeat_pairs(2, n_symbols=5, seed=7)
+    metric = an.logit_difference(correct + ["a", "a"], wrong + ["b", "b"], model=zoo)
+    pr = an.activation_patching(zoo, clean + c2, corrupted + k2, metric, components=("heads", "resid"), batch_size=16)
+    assert len(bars) == 1 and bars[0].n == bars[0].total
+    units = 2 * 4 + 2 * 9, 2 * 4 + 2 * 6  # heads + positions, per pair of each length
+    assert bars[0].total == -(-3 * units[0] // 16) + -(-2 * units[1] // 16)
+    assert capsys.readouterr().err.count("activation patching: 100%") >= 1
+    assert pr.heads.shape == (5, 2, 4)
+
+
+def synthetic(n, seed=0, noise=0.3):
+    """A comparison built from numbers: patching effects and one method's noisy estimate."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(2, 3))
+    effects = torch.tensor(base + rng.normal(scale=1.0, size=(n, 2, 3)))
+    estimate = effects + torch.tensor(rng.normal(scale=noise, size=(n, 2, 3)))
+    pr = P.PatchingResult({"heads": effects}, torch.zeros(n), torch.zeros(n), [["a"]] * n, "m",
+                          [torch.tensor([0])] * n, [torch.tensor([0])] * n)
+    return P.PatchingComparison({"est": {"heads": estimate}}, pr, [["a"]] * n, "estimate", [1] * n)
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_pairs():
+    small, large = synthetic(10), synthetic(160)
+    fx_small, fx_large = small.effects(seed=3), large.effects(seed=3)
+    for fx in (fx_small, fx_large):
+        assert ((fx["low"] <= fx["mean"]) & (fx["mean"] <= fx["high"])).all()
+    width_small = (fx_small["high"] - fx_small["low"]).mean()
+    width_large = (fx_large["high"] - fx_large["low"]).mean()
+    assert width_large < 0.5 * width_small  # ~ 1 / sqrt(16) = 0.25 expected
+    # the percentile interval of a mean is about mean +- 1.96 sd / sqrt(n) (normal approximation)
+    X = large.patching.effects["heads"].numpy().reshape(160, -1)
+    normal = 2 * 1.96 * X.std(0, ddof=1) / np.sqrt(160)
+    rows = fx_large[fx_large["source"] == "patching"]
+    np.testing.assert_allclose(rows["high"] - rows["low"], normal, rtol=0.15)
+    pd_equal = small.effects(seed=3)
+    assert pd_equal.equals(fx_small)  # seeded: the same intervals again
+    agree = large.agreement(seed=1)
+    row = agree[(agree["statistic"] == "spearman_of_means")].iloc[0]
+    P_mean = X.mean(0)
+    E_mean = large.scores["est"]["heads"].numpy().reshape(160, -1).mean(0)
+    assert row["value"] == pytest.approx(stats.spearmanr(P_mean, E_mean).statistic, abs=1e-12)
+    per_pair = [stats.pearsonr(p, e).statistic for p, e in
+                zip(X, large.scores["est"]["heads"].numpy().reshape(160, -1))]
+    row = agree[(agree["statistic"] == "mean_pearson_per_pair")].iloc[0]
+    assert row["value"] == pytest.approx(np.mean(per_pair), abs=1e-12)
+    assert row["low"] <= row["value"] <= row["high"] and row["n_pairs"] == 160
+    assert set(agree.columns) == {"method", "component", "statistic", "value", "low", "high", "n_pairs"}
+
+
+def test_metric_and_input_errors(zoo):
+    clean, corrupted, correct, wrong = repeat_pairs(2, seed=8)
+    metric = an.logit_difference(correct, wrong, model=zoo)
+    with pytest.raises(ValueError, match="must pair up"):
+        an.activation_patching(zoo, clean, corrupted[:1], metric, progress=False)
+    with pytest.raises(ValueError, match="pair 1: clean has 9 tokens and corrupted 8"):
+        an.activation_patching(zoo, clean, [corrupted[0], "a b c d e f g"], metric, progress=False)
+    with pytest.raises(ValueError, match="components: pick from"):
+        an.activation_patching(zoo, clean, corrupted, metric, components=("attn",), progress=False)
+    with pytest.raises(ValueError, match=r"one value per pair \(\[batch\] = \[2\]\)"):
+        an.relevance_patching(zoo, clean, corrupted, lambda logits: logits[:, -1], methods=("grad",))
+    with pytest.raises(ValueError, match="not a single token"):
+        an.logit_difference("a b", "c", model=zoo)
+    with pytest.raises(ValueError, match="need the model"):
+        an.logit_difference("a", "c")
+    # one id for all pairs, or one per pair; per pair follows the rows' pair index
+    logits = torch.zeros(3, 1, 18, dtype=torch.float64)
+    logits[:, 0, 5] = torch.tensor([1.0, 2.0, 3.0])
+    per_pair = an.logit_difference([5, 6], [7, 5])
+    assert per_pair(logits, torch.tensor([0, 1, 0])).tolist() == [1.0, -2.0, 3.0]
+    assert an.logit_difference(5, 7)(logits).tolist() == [1.0, 2.0, 3.0]
