@@ -280,7 +280,7 @@ def minilm_task(model, n: int, positional_pairs: int) -> Task:
     rng = random.Random(SEED + 2)
     options = []
     for i, (a, b) in enumerate(zip(MINILM_A, MINILM_B)):
-        ws = [w for w in MINILM_WORDS[i] if _single(model, w)]
+        ws = [w for w in MINILM_WORDS[i] if len(model.tokenizer.tokenize(w)) == 1]
         for w in ws:
             for v in ws:
                 if v != w:
@@ -542,6 +542,9 @@ def run(args) -> dict:
             record["key"] = name
             result["tasks"].append(record)
             print(f"# {task.model_name} / {task.name}: {record['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            if args.json:  # after every task: a later failure keeps what was measured
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
     return result
 
 
