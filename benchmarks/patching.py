@@ -549,10 +549,10 @@ def run(args) -> dict:
 
 
 def environment() -> dict:
-    import transformer_lens
+    from importlib import metadata
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "?"), "cpu_threads": torch.get_num_threads(),
+            "transformer_lens": metadata.version("transformer-lens"), "cpu_threads": torch.get_num_threads(),
             "machine": platform.machine()}
 
 
