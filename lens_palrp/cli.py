@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", action="store_true",
                     help="recompute each block during the sweep: memory of one block, one more forward")
     ex.add_argument("--out", default="lens_palrp_report.html", help="where to write the HTML report")
+    ex.add_argument("--plotlyjs", choices=("inline", "beside"), default="inline",
+                    help="plotly.js inlined in the report (default: one file, works offline, about 5 MB) "
+                    "or written once as plotly.min.js beside it (small reports)")
     sub.add_parser("zoo", help="list the shipped models")
     return parser
 
@@ -246,7 +249,7 @@ def explain_command(args) -> int:
         print(f"  {p:>4} {attr.str_tokens[0][p]!r:<16} combined {float(combined[p]):>10.4f}   "
               f"semantic {float(attr.semantic[0, p]):>10.4f}   positional {positional:>10.4f}")
     print(c.format(0))
-    attr.report(args.out)
+    attr.report(args.out, plotlyjs=args.plotlyjs)
     print(f"report: {args.out}")
     return 0
 

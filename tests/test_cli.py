@@ -32,7 +32,7 @@ def python(code: str) -> str:
 def test_help_documents_every_option():
     out = run("explain", "--help").stdout
     for option in ("--model", "--prompt", "--target", "--wrong", "--position", "--method",
-                   "--aggregation", "--loader", "--device", "--top", "--attention", "--checkpoint", "--out"):
+                   "--aggregation", "--loader", "--device", "--top", "--attention", "--checkpoint", "--out", "--plotlyjs"):
         assert option in out, option
     assert "explain" in run("--help").stdout
 
@@ -55,6 +55,11 @@ def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
                 "--attention", "eager", "--checkpoint", "--aggregation", "abs", "--out", str(tmp_path / "e.html"))
     assert eager.returncode == 0, eager.stderr
     assert eager.stdout.splitlines()[:4] == r.stdout.splitlines()[:4]  # same map, printed alike
+    small = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "k",
+                "--plotlyjs", "beside", "--out", str(tmp_path / "s.html"))
+    assert small.returncode == 0, small.stderr
+    assert (tmp_path / "plotly.min.js").exists()  # written beside the page, not inlined in it
+    assert (tmp_path / "s.html").stat().st_size < out.stat().st_size / 10
 
 
 @needs_zoo
