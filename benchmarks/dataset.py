@@ -32,8 +32,11 @@ the same whatever N; one random target token each; seed 0):
    as ``speed.py`` measures it (``MALLOC_MMAP_THRESHOLD_=65536``: freed blocks leave the resident
    set at once). One batch is in memory at a time, so the ratio 4N / N should be about 1; what
    does grow with N is the run's bookkeeping (the plan, the prompts' digest, ``run.json``,
-   ``index.json``), small next to a batch of any real model. Linux only (``/proc``); elsewhere,
-   and with ``--no-memory``, it is left out.
+   ``index.json``), small next to a batch of any real model. The process is pinned to one CPU:
+   Linux folds its per-CPU resident-page counts into the total in batches, so on many CPUs growth
+   of a few MiB can read as 0; pinned, the blur is one batch (128 KiB to a few hundred KiB). A
+   growth that still reads 0 gives no ratio ("-"). Linux only (``/proc``); elsewhere, and with
+   ``--no-memory``, it is left out.
 
 Models (``--model``): a shipped zoo model by name (default ``rope-repeat``: 2 layers, d_model 64,
 vocabulary 18, context 32; lengths 4-32 by default), or ``LxD``, a random Llama-style model of
@@ -263,6 +266,11 @@ def memory_child(model: str, prompts: int, batch_size: int, lengths: Tuple[int, 
     import lens_palrp as lp
 
     torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        # Linux counts resident pages per CPU and folds them into the total (read by VmRSS / VmHWM)
+        # in batches, so a process spread over many CPUs can hide a few MiB of growth; on one CPU the
+        # unfolded remainder is at most one batch (32 pages or twice the CPU count, whichever is more)
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     m, vocab = load_model(model, lengths)
     ps, ts = make_prompts(prompts, vocab, lengths)
     tmp = tempfile.mkdtemp(prefix="bench_dataset_mem_")

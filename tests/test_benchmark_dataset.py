@@ -30,8 +30,14 @@ def test_quick_row_is_complete():
     if bench.memory_available():
         mem = row["memory"]
         assert mem["n"]["prompts"] == q["prompts"] and mem["n4"]["prompts"] == 4 * q["prompts"]
-        assert mem["n"]["peak_bytes"] > 0 and mem["n4"]["peak_bytes"] > 0
-        assert mem["ratio"] is not None and mem["ratio"] > 0
+        assert mem["n"]["base_bytes"] > 0 and mem["n4"]["base_bytes"] > 0
+        # the quick run grows by 0.3-1 MiB, near the kernel's per-CPU RSS counter resolution, so a
+        # growth of 0 is a valid reading here; then no ratio is made up
+        assert mem["n"]["peak_bytes"] >= 0 and mem["n4"]["peak_bytes"] >= 0
+        if mem["n"]["peak_bytes"] == 0:
+            assert mem["ratio"] is None
+        else:
+            assert mem["ratio"] == pytest.approx(mem["n4"]["peak_bytes"] / mem["n"]["peak_bytes"])
 
     cells = bench.cells(row)
     assert len(cells) == len(bench.COLUMNS) and all(cells)
