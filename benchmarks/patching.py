@@ -223,18 +223,23 @@ def gemma_ioi(model, n: int, resid_pairs: int) -> Task:
         corrupted.append(template.format(A=a, B=b, S=a))
         io.append(a)
         s.append(b)
+    return _gemma_task(model, "IOI name swap", clean, corrupted, io, s, _gemma_scope(n, resid_pairs),
+                       ["head_pos left out: 72 heads x 15 positions per pair at ~0.3 s per patched row"])
+
+
+def _gemma_task(model, name: str, clean, corrupted, answers, wrongs, scope, notes) -> Task:
+    """A Gemma task whose prompts all have one token length (patching needs it), explained as the
+    logit difference of each pair's own answer and wrong token at the last position."""
     lengths = {len(model.to_tokens(x)[0]) for x in clean + corrupted}
     if len(lengths) != 1:
-        raise RuntimeError(f"IOI prompts of different token lengths {sorted(lengths)}: patching needs one length")
-    io_ids = [int(model.to_single_token(x)) for x in io]
-    s_ids = [int(model.to_single_token(x)) for x in s]
+        raise RuntimeError(f"{name} prompts of different token lengths {sorted(lengths)}: patching needs one length")
+    answer_ids = [int(model.to_single_token(x)) for x in answers]
+    wrong_ids = [int(model.to_single_token(x)) for x in wrongs]
 
     def metric(k):
-        return ap.logit_difference(io_ids[:k], s_ids[:k], position=-1)
+        return ap.logit_difference(answer_ids[:k], wrong_ids[:k], position=-1)
 
-    return Task("gemma-3-270m", f"IOI name swap ({lengths.pop()} tokens)", clean, corrupted, metric,
-                _gemma_scope(n, resid_pairs),
-                ["head_pos left out: 72 heads x 15 positions per pair at ~0.3 s per patched row"],
+    return Task("gemma-3-270m", f"{name} ({lengths.pop()} tokens)", clean, corrupted, metric, scope, notes,
                 last_position_only=family_for(model).final_hidden_hook)
 
 
@@ -251,17 +256,8 @@ def gemma_induction(model, n: int, resid_pairs: int) -> Task:
         corrupted.append(" " + " ".join(body[:4] + [other] + body[:4]))
         ans.append(" " + body[4])
         wrong.append(" " + other)
-    lengths = {len(model.to_tokens(x)[0]) for x in clean + corrupted}
-    if len(lengths) != 1:
-        raise RuntimeError(f"induction prompts of different token lengths {sorted(lengths)}")
-    a_ids = [int(model.to_single_token(x)) for x in ans]
-    w_ids = [int(model.to_single_token(x)) for x in wrong]
-
-    def metric(k):
-        return ap.logit_difference(a_ids[:k], w_ids[:k], position=-1)
-
-    return Task("gemma-3-270m", f"induction ({lengths.pop()} tokens)", clean, corrupted, metric,
-                _gemma_scope(n, resid_pairs), ["head_pos left out (cost)"], last_position_only=family_for(model).final_hidden_hook)
+    return _gemma_task(model, "induction", clean, corrupted, ans, wrong, _gemma_scope(n, resid_pairs),
+                       ["head_pos left out (cost)"])
 
 
 MINILM_A = ["A man is playing a guitar.", "The cat sat on the mat.", "She is reading a book.",
@@ -274,7 +270,6 @@ MINILM_WORDS = [["instrument", "sandwich", "umbrella", "elephant"], ["cat", "car
 def minilm_task(model, n: int, positional_pairs: int) -> Task:
     """"A [SEP] B" with a word of B swapped; metric: the cosine of the mean-pooled final hidden
     states of A's and B's tokens (per pair, so spans may differ between pairs)."""
-    from lens_palrp.similarity import mean_pool  # noqa: F401 (the same pooling as explain_similarity)
 
     clean, corrupted, spans = [], [], []
     rng = random.Random(SEED + 2)

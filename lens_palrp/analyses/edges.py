@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from lens_palrp.analyses.common import in_eval_mode
+from lens_palrp.analyses.patching import _pairs as patching_pairs
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
-from lens_palrp.inputs import infer_padding, prepare_tokens
+from lens_palrp.inputs import infer_padding
 from lens_palrp.methods import get_method
 from lens_palrp.roles import Role
 from lens_palrp.targets import takes_positions
@@ -144,45 +145,11 @@ def _flat(act: Tensor, node: _Node) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _prompts(family, x, which: str, device) -> List[Tensor]:
-    """``x`` (a string, a list of strings, or ids ``[pos]`` / ``[n, pos]``) as one id row per prompt."""
-    if isinstance(x, str):
-        x = [x]
-    if isinstance(x, (list, tuple)):
-        if not x:
-            raise ValueError(f"{which}: no prompts given")
-        if all(isinstance(s, str) for s in x):
-            return [prepare_tokens(family, s, None, None, device).tokens[0] for s in x]
-        if all(isinstance(s, Tensor) for s in x):
-            return [r for s in x for r in _prompts(family, s, which, device)]
-        raise TypeError(f"{which}: a list of prompts must hold strings only (or tensors only)")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{which}: prompts are a string, a list of strings or a LongTensor [n, pos], "
-                        f"got {type(x).__name__}")
-    if x.dtype.is_floating_point or x.dtype == torch.bool:
-        raise TypeError(f"{which}: token ids must be integers, got dtype {x.dtype}")
-    if x.ndim == 1:
-        x = x[None]
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise ValueError(f"{which}: token ids must be [n, pos] with pos > 0, got shape {tuple(x.shape)}")
-    return list(x.long().to(device))
-
-
 def _pairs(family, clean, corrupted, device) -> List[Tuple[List[int], Tensor, Tensor]]:
-    """Pairs grouped by length: ``(pair indices, clean [n, pos], corrupted [n, pos])`` per group."""
-    clean_rows = _prompts(family, clean, "clean", device)
-    corr_rows = _prompts(family, corrupted, "corrupted", device)
-    if len(clean_rows) != len(corr_rows):
-        raise ValueError(f"clean and corrupted must hold as many prompts, got {len(clean_rows)} clean and "
-                         f"{len(corr_rows)} corrupted")
-    groups: Dict[int, List[int]] = {}
-    for i, (a, b) in enumerate(zip(clean_rows, corr_rows)):
-        if a.shape != b.shape:
-            raise ValueError(f"pair {i}: the clean prompt has {a.shape[0]} tokens and the corrupted one "
-                             f"{b.shape[0]}; a pair must have the same length (positions are patched one to one)")
-        groups.setdefault(a.shape[0], []).append(i)
-    batches = [(idx, torch.stack([clean_rows[i] for i in idx]), torch.stack([corr_rows[i] for i in idx]))
-               for idx in groups.values()]
+    """Pairs grouped by length: ``(pair indices, clean [n, pos], corrupted [n, pos])`` per group,
+    parsed and checked as activation patching does (``patching._pairs``)."""
+    pairs = patching_pairs(family, clean, corrupted, device)
+    batches = [(idx, *pairs.stacked(idx)) for idx in pairs.groups().values()]
     for _, clean_t, corr_t in batches:  # explain would right-align a padded-looking batch: positions shift
         for which, t in (("clean", clean_t), ("corrupted", corr_t)):
             if infer_padding(t, family.tokenizer) is not None:

@@ -144,6 +144,8 @@ def _rows(family, spec, what: str, device) -> Tuple[List[Tensor], List[List[str]
     if isinstance(spec, str):
         spec = [spec]
     if isinstance(spec, Tensor):
+        if spec.dtype.is_floating_point or spec.dtype == torch.bool:
+            raise TypeError(f"{what}: token ids must be integers, got dtype {spec.dtype}")
         t = spec[None] if spec.ndim == 1 else spec
         if t.ndim != 2:
             raise ValueError(f"{what}: token ids must be [n, pos], got shape {tuple(spec.shape)}")
@@ -167,12 +169,13 @@ def _pairs(family, clean, corrupted, device) -> _Pairs:
     clean_rows, strs = _rows(family, clean, "clean", device)
     corr_rows, _ = _rows(family, corrupted, "corrupted", device)
     if len(clean_rows) != len(corr_rows):
-        raise ValueError(f"clean has {len(clean_rows)} prompts and corrupted {len(corr_rows)}: they must pair up")
+        raise ValueError(f"clean has {len(clean_rows)} prompts and corrupted {len(corr_rows)}: they must pair up "
+                         "(as many prompts in each)")
     for i, (a, b) in enumerate(zip(clean_rows, corr_rows)):
         if a.shape != b.shape:
             raise ValueError(
-                f"pair {i}: clean has {a.shape[0]} tokens and corrupted {b.shape[0]}; patching needs the same "
-                f"number of tokens in both prompts of a pair (position by position)"
+                f"pair {i}: clean has {a.shape[0]} tokens and corrupted {b.shape[0]}; both prompts of a pair "
+                f"must have the same length (positions are patched one to one)"
             )
     return _Pairs(clean_rows, corr_rows, strs)
 
