@@ -266,7 +266,7 @@ def test_bad_input_is_refused_by_name():
         edge_attribution(model, ["a b", "c d"], ["a b"], metric)
     with pytest.raises(ValueError, match="different lengths.*pair_indices"):
         edge_attribution(model, ["a b", "c d e"], ["a c", "c d d"], metric)
-    with pytest.raises(ValueError, match=r"one value per pair, shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"one value per pair \(\[batch\] = \[2\]\)"):
         edge_attribution(model, ["a b", "c d"], ["a c", "c c"], lambda logits: logits[:, -1].sum())
     with pytest.raises(ValueError, match="unknown method"):
         edge_attribution(model, "a b", "a c", metric, methods=("grad", "lrp_typo"))

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lens_palrp.analyses.common import in_eval_mode
+from lens_palrp.analyses.patching import _as_batch_metric as as_batch_metric
 from lens_palrp.analyses.patching import _pairs as patching_pairs
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
@@ -160,25 +161,14 @@ def _pairs(family, clean, corrupted, device) -> List[Tuple[List[int], Tensor, Te
 
 
 def _metric(metric: Callable, idx: List[int], n_groups: int) -> Callable[[Tensor], Tensor]:
-    """``metric`` on one length group: ``metric(logits)``, or ``metric(logits, pair_indices)``
-    where it takes a second argument (per-pair answers when pairs differ in length), checked to
-    give one value per pair of the group."""
-    if not callable(metric):
-        raise TypeError(f"metric must be a callable metric(logits) -> [n], got {type(metric).__name__}")
-    with_pairs = takes_positions(metric)
-    if n_groups > 1 and not with_pairs:
+    """``metric`` on one length group, as patching runs it (``metric(logits)`` or
+    ``metric(logits, pair_indices)``, one value per pair); over several groups the metric must take
+    the pair indices, since the edge scores of a pair must come from that pair's own answer."""
+    if callable(metric) and n_groups > 1 and not takes_positions(metric):
         raise ValueError("the pairs have different lengths, so they run in separate batches: write the metric as "
                          "metric(logits, pair_indices) -> [len(pair_indices)] (pair_indices: which pairs the batch "
                          "holds, in order)")
-    n, pairs = len(idx), torch.tensor(idx)
-
-    def checked(logits: Tensor) -> Tensor:
-        value = metric(logits, pairs.to(logits.device)) if with_pairs else metric(logits)
-        if not isinstance(value, Tensor) or value.shape != (n,):
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"metric(logits) must return one value per pair, shape ({n},); got {shape}")
-        return value
-    return checked
+    return as_batch_metric(metric, torch.tensor(idx))
 
 
 # ---------------------------------------------------------------------------------- result
