@@ -30,6 +30,7 @@ from torch import Tensor
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
 from lens_palrp.io import load_attribution, save_attribution
+from lens_palrp.models import explainable
 from lens_palrp.result import Attribution
 
 FORMAT = 1
@@ -56,7 +57,8 @@ def explain_dataset(model, prompts, targets=None, *, method: str = "pa_lrp", bat
         position: the explained position within each prompt (-1: its last token), one for all or
             one per prompt.
         record: hook names whose relevance is stored too (as ``explain``'s ``record``).
-        method, prepend_bos, attention, checkpoint, allow_unverified, options: as ``explain``.
+        method, prepend_bos, attention, checkpoint, allow_unverified, options: as ``explain``
+            (a Hugging Face model object too, with ``tokenizer=``).
 
     Under ``torch.distributed`` (``torchrun``, or any launcher that sets ``WORLD_SIZE``; the
     process group is started with ``gloo`` on CPU, ``nccl`` on CUDA if nobody started it), rank
@@ -65,6 +67,7 @@ def explain_dataset(model, prompts, targets=None, *, method: str = "pa_lrp", bat
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    model = explainable(model, options.pop("tokenizer", None))
     prompts, targets, positions = _columns(prompts, targets, position, prompt_column, target_column, position_column)
     family = family_for(model)
     ids = [_token_ids(family, p, prepend_bos) for p in prompts]

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import torch
 
-from lens_palrp.targets import HookTarget, LogitTarget
+from lens_palrp.targets import LogitTarget
 
 
 def _token_text(family, token_id: int) -> str:

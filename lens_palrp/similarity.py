@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lens_palrp.engine import explain
 from lens_palrp.inputs import prepare_tokens
+from lens_palrp.models import explainable
 from lens_palrp.hooks import family_for
 from lens_palrp.result import Attribution
 from lens_palrp.targets import at_hook
@@ -37,13 +38,15 @@ def pooled_cosine_halves(hidden: Tensor, mask: Tensor) -> Tensor:
 
 def explain_similarity(
     model, sentence_a: str, sentence_b: str, method: str = "pa_lrp", hook_name: Optional[str] = None,
-    record=None,
+    record=None, tokenizer=None,
 ) -> Attribution:
     """Relevance of both sentences' tokens and positions for their cosine similarity.
 
     ``hook_name`` is where the token embeddings are read (default: the last block's output,
-    what sentence-transformers mean-pools for all-MiniLM-L6-v2).
+    what sentence-transformers mean-pools for all-MiniLM-L6-v2). ``model`` may be a Hugging Face
+    model object, wrapped as ``lp.explain`` wraps it (``tokenizer=`` as there).
     """
+    model = explainable(model, tokenizer)
     family = family_for(model)
     hook_name = hook_name or family.final_hidden_hook
     prepared = prepare_tokens(family, [sentence_a, sentence_b], None, None, "cpu")

@@ -161,3 +161,53 @@ def test_the_real_gemma_cache_loads_unquantized():
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     assert getattr(hf.config, "quantization_config", None) is None
     assert getattr(hf, "hf_quantizer", None) is None and next(hf.parameters()).dtype == torch.float32
+
+
+def test_every_entry_point_takes_a_hf_model_as_explain_does(tokenizer, tmp_path):
+    """``explain_dataset``, patching, relevance patching and the perturbation test on a Hugging
+    Face object give what they give on the bridge of an identical model (a path that skipped the
+    wrapping would fail in ``family_for``; one that built another model would differ), and the
+    object is left as it was."""
+    from lens_palrp.analyses import activation_patching, perturbation_test, relevance_patching
+
+    hf = build("llama")
+    before = _state(hf)
+    bridge = lp.models.bridge_from_hf(build("llama"), tokenizer)
+
+    runs = [lp.explain_dataset(m, [PROMPT, "b e g c", "a b"], ["k", "e", "c"], batch_size=2, progress=False,
+                               out=str(tmp_path / name), **kw)
+            for name, m, kw in (("hf", hf, dict(tokenizer=tokenizer)), ("bridge", bridge, {}))]
+    for i in range(3):
+        assert torch.equal(runs[0][i].semantic, runs[1][i].semantic) and runs[0][i].str_tokens == runs[1][i].str_tokens
+
+    clean, corrupted = ["c h a p k", "b e g c a"], ["c h a p b", "b e g c b"]
+    metric = lambda logits: logits[:, -1, 5] - logits[:, -1, 6]  # noqa: E731
+    patched = [activation_patching(m, clean, corrupted, metric, components=["heads"], progress=False, **kw)
+               for m, kw in ((hf, dict(tokenizer=tokenizer)), (bridge, {}))]
+    assert torch.equal(patched[0].effects["heads"], patched[1].effects["heads"])
+    estimates = [relevance_patching(m, clean, corrupted, metric, methods=("grad", "pa_lrp"), components=["heads"], **kw)
+                 for m, kw in ((hf, dict(tokenizer=tokenizer)), (bridge, {}))]
+    for method in ("grad", "pa_lrp"):
+        assert torch.equal(estimates[0].scores[method]["heads"], estimates[1].scores[method]["heads"])
+    tests = [perturbation_test(m, [PROMPT], methods=("grad_x_input",), progress=False, **kw)
+             for m, kw in ((hf, dict(tokenizer=tokenizer)), (bridge, {}))]
+    curves = [t.curves["grad_x_input"] for t in tests]
+    assert curves[0].keys() == curves[1].keys()
+    for mode in curves[0]:
+        for kind in ("prob", "logit"):
+            assert torch.equal(curves[0][mode][kind], curves[1][mode][kind]), (mode, kind)
+    _assert_same_state(before, _state(hf))
+
+
+def test_analyses_refuse_tokenizer_for_a_transformerlens_model(zoo, tokenizer):
+    from lens_palrp.analyses import activation_patching, edge_attribution
+
+    model, _ = zoo
+    metric = lambda logits: logits[:, -1, 3]  # noqa: E731
+    for fn in (activation_patching, edge_attribution):
+        with pytest.raises(ValueError, match="tokenizer= is for Hugging Face model objects"):
+            fn(model, "a b", "a c", metric, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizer= is for Hugging Face model objects"):
+        lp.explain_dataset(model, ["a b"], ["c"], tokenizer=tokenizer, progress=False)
+    with pytest.raises(ValueError, match="tokenizer= is for Hugging Face model objects"):
+        lp.explain_similarity(model, "a b", "c d", tokenizer=tokenizer)

@@ -1,4 +1,5 @@
-"""What the analyses share about the model they run: eval mode and the hook names they read.
+"""What the analyses share about the model they run: Hugging Face objects wrapped, eval mode and
+the hook names they read.
 
 The analyses run forwards of their own (patching, perturbation, rollout) next to ``explain``'s
 sweep. Those forwards must see the model ``explain`` explains (eval mode: no dropout), and the hooks
@@ -26,6 +27,21 @@ def in_eval_mode(fn: F) -> F:
     def wrapper(model, *args, **kwargs):
         with evaluating(model):
             return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def takes_hf_models(fn: F) -> F:
+    """``fn(model, ..., tokenizer=None)`` also takes a Hugging Face model object, wrapped once as
+    ``lp.explain`` wraps it (``lens_palrp.models.explainable``: a cached TransformerBridge over a
+    weight-sharing copy), so every analysis accepts what ``explain`` accepts and the user's object
+    is never the one run. Put it outside ``in_eval_mode``: the flags to restore are the bridge's."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, tokenizer=None, **kwargs):
+        from lens_palrp.models import explainable
+
+        return fn(explainable(model, tokenizer), *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

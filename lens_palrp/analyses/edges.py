@@ -35,7 +35,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from lens_palrp.analyses.common import in_eval_mode
+from lens_palrp.analyses.common import in_eval_mode, takes_hf_models
 from lens_palrp.analyses.patching import _as_batch_metric as as_batch_metric
 from lens_palrp.analyses.patching import _pairs as patching_pairs
 from lens_palrp.engine import explain
@@ -278,6 +278,7 @@ class EdgeAttribution:
 
 
 # ---------------------------------------------------------------------------------- the call
+@takes_hf_models
 @in_eval_mode
 def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
                      methods: Union[str, Sequence[str]] = ("grad", "pa_lrp")) -> EdgeAttribution:
@@ -343,6 +344,7 @@ def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor]
     return EdgeAttribution(edges, methods, per_pair, nodes, metric_clean, metric_corr, L, positional_methods)
 
 
+@takes_hf_models
 @in_eval_mode
 def path_patching(model, clean, corrupted, metric: Callable[[Tensor], Tensor], edges: Sequence[Edge],
                   scale: float = 1.0) -> Tensor:

@@ -38,7 +38,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from lens_palrp.analyses.common import in_eval_mode
+from lens_palrp.analyses.common import in_eval_mode, takes_hf_models
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
 from lens_palrp.inputs import prepare_tokens
@@ -378,6 +378,7 @@ def _unembedding_input(family) -> str:
     return "unembed.hook_in" if family.has_hook("unembed.hook_in") else family.final_hidden_hook
 
 
+@takes_hf_models
 @in_eval_mode
 def perturbation_test(model, prompts, targets=None, methods: Sequence[str] = METHOD_NAMES,
                       modes: Sequence[str] = MODES, mask_token: Optional[int] = None, seed: int = 0,
@@ -475,6 +476,7 @@ class SimilarityResult:
         return out
 
 
+@takes_hf_models
 @in_eval_mode
 def similarity_perturbation_test(model, pairs, methods: Sequence[str] = METHOD_NAMES,
                                  modes: Sequence[str] = MODES, removal: str = "attention",

@@ -42,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities import get_act_name
 
-from lens_palrp.analyses.common import in_eval_mode, layer_hooks
+from lens_palrp.analyses.common import in_eval_mode, layer_hooks, takes_hf_models
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
 from lens_palrp.inputs import prepare_tokens
@@ -588,6 +588,7 @@ def _patch_forward(family, corr_tokens, clean_acts, hooks, jobs, metric_fn):
     return metric_fn(logits)
 
 
+@takes_hf_models
 @in_eval_mode
 def activation_patching(model, clean, corrupted, metric: Callable, *, components: Optional[Sequence[str]] = None,
                         batch_size: int = 64, progress: bool = True) -> PatchingResult:
@@ -763,6 +764,7 @@ def _relevance(component: str, attr, T_max: int) -> Tensor:
     return torch.nn.functional.pad(grid, (0, pad), value=float("nan")) if pad else grid
 
 
+@takes_hf_models
 @in_eval_mode
 def relevance_patching(model, clean, corrupted, metric: Callable,
                        methods: Sequence[str] = ESTIMATE_METHODS, *,
@@ -781,6 +783,7 @@ def relevance_patching(model, clean, corrupted, metric: Callable,
                           on_clean=False)
 
 
+@takes_hf_models
 @in_eval_mode
 def compare_with_patching(model, clean, corrupted, metric: Callable,
                           methods: Sequence[str] = ("pa_lrp", "attn_lrp"), *,

@@ -12,7 +12,6 @@ from typing import List, Optional, Sequence
 
 import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from lens_palrp.html_view import prompt_text as _prompt_text
 from lens_palrp.html_view import summary
