@@ -38,10 +38,10 @@ Models and tasks:
   and ``head_pos`` is left out (72 heads x 15 positions per pair).
 * ``minilm`` (all-MiniLM-L6-v2): one sequence "A [SEP] B", metric the cosine of the mean-pooled
   final hidden states of the A and the B tokens; corrupted: one word of B swapped for another single
-  token. The library's ``relevance_patching`` takes logit metrics only and the encoder bridge has no
-  hooked logits, so the estimates are computed here (``_encoder_estimates``: ``explain`` with an
-  ``at_hook`` target, gradients recorded at the same hooks) and activation patching reads the hidden
-  state through a hook. ``resid`` and ``head_pos`` on the first ``--minilm-positional-pairs`` (8).
+  token. The metric is an ``lp.at_hook`` target on the final hidden state, which
+  ``activation_patching`` and ``relevance_patching`` read during their own forwards (the encoder
+  has no logits anyone asks for). ``resid`` and ``head_pos`` on the first
+  ``--minilm-positional-pairs`` (8).
 
 ``--json FILE`` writes every number; the markdown tables go to stdout (and ``--out FILE``).
 ``tests/test_benchmark_patching.py`` runs the quick mode. Results and reading:
@@ -155,7 +155,6 @@ class Task:
     scope: Dict[str, int]
     notes: List[str] = field(default_factory=list)
     last_position_only: Optional[str] = None  # a hook where activation patching may keep only the last position
-    encoder_target: Optional[Callable[[int], object]] = None  # MiniLM: an at_hook target for the first k pairs
 
     @property
     def n_pairs(self) -> int:
@@ -312,30 +311,11 @@ def minilm_task(model, n: int, positional_pairs: int) -> Task:
         pb = (hidden * m[:, 1, :, None]).sum(1) / m[:, 1].sum(1, keepdim=True)
         return torch.nn.functional.cosine_similarity(pa, pb, dim=-1)
 
-    def target(k, rows=None):
-        rows = torch.arange(k) if rows is None else rows
-        return lp.at_hook(hook, lambda h: cosine(h, rows.to(h.device)))
-
     task = Task("all-MiniLM-L6-v2", f"sentence similarity, word of B swapped ({T} tokens)", clean, corrupted,
-                None, {"heads": n, "mlp": n, "resid": min(n, positional_pairs), "head_pos": min(n, positional_pairs)},
-                ["an encoder: estimates computed by the benchmark with an at_hook target (see the module docstring)"])
-    task.metric = lambda k: _HiddenMetric(hook, cosine)
-    task.encoder_target = target
+                lambda k: lp.at_hook(hook, cosine),
+                {"heads": n, "mlp": n, "resid": min(n, positional_pairs), "head_pos": min(n, positional_pairs)},
+                ["an encoder: the metric is an lp.at_hook target on the final hidden state"])
     return task
-
-
-class _HiddenMetric:
-    """A ``metric(logits, pairs)`` that reads the final hidden state a hook stored during the same
-    forward (the encoder's output logits are an MLM head nothing asks for)."""
-
-    def __init__(self, hook: str, fn):
-        self.hook, self.fn, self.hidden = hook, fn, None
-
-    def store(self, act, hook=None):
-        self.hidden = act.detach()
-
-    def __call__(self, logits, pairs):
-        return self.fn(self.hidden, pairs.cpu())
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -396,32 +376,6 @@ def _only_last_position(model, hook: Optional[str]):
         yield
 
 
-def _encoder_estimates(model, task: Task, k: int, methods: Sequence[str], hooks: Dict[str, List[str]]):
-    """Relevance patching on an encoder: ``explain`` of the hidden-state target on the corrupted
-    prompts, gradients recorded at the patched hooks, times the clean - corrupted differences."""
-    family = family_for(model)
-    clean = model.to_tokens(task.clean[:k])
-    corr = model.to_tokens(task.corrupted[:k])
-    names = sorted({n for ns in hooks.values() for n in ns})
-    acts = {}
-    for which, tokens in (("clean", clean), ("corr", corr)):
-        store = {}
-        fwd = [(n, (lambda n: lambda a, hook=None: store.__setitem__(n, a.detach().clone()))(n)) for n in names]
-        with torch.no_grad():
-            family.forward(tokens, torch.ones_like(tokens), fwd)
-        acts[which] = store
-    T = clean.shape[1]
-    scores = {}
-    for method in methods:
-        attr = lp.explain(model, corr, task.encoder_target(k), method=ap._lrp_name(method),
-                          attention_mask=torch.ones_like(corr), record_gradients=names)
-        scores[method] = {
-            comp: torch.stack([ap._reduce(comp, (acts["clean"][n] - acts["corr"][n]).double()
-                                          * attr.gradients[n].double(), T) for n in ns], dim=1)
-            for comp, ns in hooks.items()}
-    return scores
-
-
 def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str], batch_size: int,
              progress: bool) -> dict:
     """Patching, estimates, agreement, timings (and the ablation) for one task, grouped by the number
@@ -438,22 +392,14 @@ def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str],
     for k, comps in sorted(by_pairs.items(), reverse=True):
         metric = task.metric(k)
         clean, corrupted = task.clean[:k], task.corrupted[:k]
-        hidden_hook = isinstance(metric, _HiddenMetric)
-        ctx = (family_for(model).hooks_attached([(metric.hook, metric.store)]) if hidden_hook
-               else _only_last_position(model, task.last_position_only))
         t0 = time.perf_counter()
-        with ctx:
+        with _only_last_position(model, task.last_position_only):
             patched = ap.activation_patching(model, clean, corrupted, metric, components=comps,
                                              batch_size=batch_size, progress=progress)
         t_patch = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if hidden_hook:
-            scores = _encoder_estimates(model, task, k, methods, {c: patched.hooks[c] for c in comps})
-            comparison = ap.PatchingComparison(scores, patched, patched.str_tokens, "estimated patching effect",
-                                               patched.lengths)
-        else:
-            comparison = ap.relevance_patching(model, clean, corrupted, metric, methods=methods, patching=patched,
-                                               components=comps)
+        comparison = ap.relevance_patching(model, clean, corrupted, metric, methods=methods, patching=patched,
+                                           components=comps)
         t_est = time.perf_counter() - t0
         record["groups"].append({"pairs": k, "components": comps, "patching_s": t_patch, "estimates_s": t_est,
                                  "methods": list(methods), "ratio": t_patch / t_est,
@@ -466,7 +412,7 @@ def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str],
                                                                        comparison.scores[m]["heads"])})
         if ablation:
             abl = ap.relevance_patching(model, clean, corrupted, metric, methods=list(ablation), patching=patched,
-                                        components=comps) if not hidden_hook else None
+                                        components=comps)
             record["ablation"] += _agreement_rows(abl)
             if "heads" in comps:
                 for m in ablation:

@@ -270,6 +270,8 @@ def test_bad_input_is_refused_by_name():
         edge_attribution(model, ["a b", "c d"], ["a c", "c c"], lambda logits: logits[:, -1].sum())
     with pytest.raises(ValueError, match="unknown method"):
         edge_attribution(model, "a b", "a c", metric, methods=("grad", "lrp_typo"))
+    with pytest.raises(TypeError, match="metric on the logits"):
+        edge_attribution(model, "a b", "a c", lp.at_hook("blocks.1.hook_resid_post", lambda a: a[:, -1, 0]))
     with pytest.raises(ValueError, match="corrupted: .*pad id"):  # the zoo's pad id is 1
         edge_attribution(model, torch.tensor([[0, 3, 4], [0, 5, 6]]), torch.tensor([[0, 3, 1], [0, 5, 6]]), metric)
     with pytest.raises(TypeError, match="integers"):

@@ -155,3 +155,44 @@ def test_a_record_at_an_alias_of_a_sink_sees_the_sink(bridge):
     alias, canonical = attr.hooks["hook_pos_embed"], attr.hooks["pos_embed.hook_out"]
     assert torch.equal(alias, canonical) and float(alias.abs().max()) > 0
     torch.testing.assert_close(alias.sum(-1), attr.positional_input, rtol=1e-10, atol=1e-12)
+
+
+def test_patching_an_encoder_with_a_metric_at_a_hook(bridge):
+    """The encoder has no logits anyone asks for: the metric is the pooled cosine of the two halves
+    at the final hidden state (``lp.at_hook``). Patching the one changed position of the first
+    layer's input restores the clean metric and no other position moves it (a metric read from
+    the unpatched run, or from the wrong pair, would fail); the estimates' explain of the same
+    target agrees with patching's own reading of it (the reuse check compares them)."""
+    from lens_palrp.analyses import activation_patching, relevance_patching
+    from lens_palrp.hooks import family_for
+
+    clean = ["a man is playing a guitar [SEP] someone plays an instrument",
+             "a woman is slicing an onion [SEP] someone cuts a vegetable"]
+    corrupted = ["a man is playing a guitar [SEP] someone plays an onion",
+                 "a woman is slicing an onion [SEP] someone cuts a guitar"]
+    tokens = bridge.to_tokens(clean)
+    sep = [bridge.to_str_tokens(t).index("[SEP]") for t in tokens]
+    T = tokens.shape[1]
+    masks = torch.zeros(2, 2, T, dtype=torch.float64)
+    for i, s in enumerate(sep):
+        masks[i, 0, 1:s], masks[i, 1, s + 1:T - 1] = 1, 1
+
+    def cosine(hidden, pairs):
+        m = masks.to(hidden.device)[pairs]
+        a = (hidden * m[:, 0, :, None]).sum(1) / m[:, 0].sum(1, keepdim=True)
+        b = (hidden * m[:, 1, :, None]).sum(1) / m[:, 1].sum(1, keepdim=True)
+        return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+    metric = lp.at_hook(family_for(bridge).final_hidden_hook, cosine)
+    patched = activation_patching(bridge, clean, corrupted, metric, components=("resid",), progress=False)
+    changed = T - 2  # the swapped word, before [SEP] at the end
+    gap = patched.clean_metric - patched.corrupted_metric
+    assert float(gap.abs().min()) > 1e-3
+    torch.testing.assert_close(patched.resid[:, 0, changed], gap, rtol=1e-9, atol=1e-12)
+    others = torch.cat([patched.resid[:, 0, :changed], patched.resid[:, 0, changed + 1:]], dim=1)
+    assert float(others.abs().max()) < 1e-12
+    estimates = relevance_patching(bridge, clean, corrupted, metric, methods=("grad", "pa_lrp"), patching=patched,
+                                   components=("resid",))
+    for method in ("grad", "pa_lrp"):
+        assert torch.isfinite(estimates.scores[method]["resid"]).all()
+    assert float(estimates.scores["grad"]["resid"][:, 0, changed].abs().min()) > 0

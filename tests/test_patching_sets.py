@@ -329,3 +329,89 @@ def test_metric_and_input_errors(zoo):
     per_pair = an.logit_difference([5, 6], [7, 5])
     assert per_pair(logits, torch.tensor([0, 1, 0])).tolist() == [1.0, -2.0, 3.0]
     assert an.logit_difference(5, 7)(logits).tolist() == [1.0, 2.0, 3.0]
+
+
+def _direction(zoo, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(zoo.cfg.d_model, generator=gen, dtype=torch.float64)
+
+
+def test_a_metric_at_a_hook_patches_and_estimates_as_by_hand(zoo):
+    """``lp.at_hook(name, fn)`` as the metric (an encoder's pooled similarity is one): the
+    activation at ``name`` along a per-pair direction. Patching equals hand-written hooks that
+    read the same activation, and the "grad" estimate equals autograd at that activation; a
+    wrong hook-to-metric wiring (the logits read, the unpatched activation read, another pair's
+    direction) would differ."""
+    clean, corrupted, _, _ = repeat_pairs(3, seed=9)
+    name = "blocks.1.hook_resid_post"
+    dirs = torch.stack([_direction(zoo, s) for s in range(3)])
+    metric = lp.at_hook(name, lambda act, pairs: (act[:, -1].double() * dirs.to(act.device)[pairs]).sum(-1))
+    rp = an.relevance_patching(zoo, clean, corrupted, metric, methods=("grad", "pa_lrp"), patching=True,
+                               components=("heads", "mlp"))
+    c, k = zoo.to_tokens(clean), zoo.to_tokens(corrupted)
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(2)]
+    with torch.no_grad():
+        _, cache = zoo.run_with_cache(c, names_filter=z_names + [name])
+    seen = {}
+
+    def read(act, hook):
+        seen["act"] = act.detach()
+
+    def value(i):
+        return float((seen["act"][0, -1].double() * dirs[i]).sum())
+
+    tol = dict(rel=1e-5, abs=1e-6) if lp.hooks.transformer_bridge.is_transformer_bridge(zoo) else \
+        dict(rel=1e-10, abs=1e-12)
+    for i in range(3):
+        with torch.no_grad():
+            zoo.run_with_hooks(k[i:i + 1], fwd_hooks=[(name, read)])
+            base = value(i)
+            assert float(rp.patching.corrupted_metric[i]) == pytest.approx(base, **tol)
+            for layer, head in [(0, 1), (1, 3), (1, 0)]:
+                z = z_names[layer]
+
+                def one(act, hook, z=z, h=head):
+                    act = act.clone()
+                    act[:, :, h] = cache[z][i:i + 1, :, h]
+                    return act
+
+                zoo.run_with_hooks(k[i:i + 1], fwd_hooks=[(z, one), (name, read)])
+                assert float(rp.patching.heads[i, layer, head]) == pytest.approx(value(i) - base, **tol)
+    assert float(rp.patching.heads.abs().max()) > 1e-3
+    # "grad": (clean - corrupted) . d metric / d z, by autograd on the corrupted batch
+    zeros, acts = {}, {}
+
+    def leaf(z):
+        def add(act, hook):
+            acts[z] = act.detach().clone()
+            zeros[z] = torch.zeros_like(acts[z], requires_grad=True)
+            return act + zeros[z]
+        return add
+
+    with zoo.hooks(fwd_hooks=[(z, leaf(z)) for z in z_names] + [(name, lambda act, hook: seen.update(act=act))]):
+        zoo(k)
+        (seen["act"][:, -1].double() * dirs).sum().backward()
+    zoo.zero_grad(set_to_none=True)
+    want = torch.stack([((cache[z] - acts[z]) * zeros[z].grad).sum((1, 3)) for z in z_names], 1).double()
+    torch.testing.assert_close(rp.scores["grad"]["heads"], want, **({"rtol": 1e-5, "atol": 1e-6} if tol["rel"] > 1e-9
+                                                                   else {"rtol": 1e-9, "atol": 1e-12}))
+    assert not torch.allclose(rp.scores["pa_lrp"]["heads"], want)  # the rules act on this target too
+
+
+def test_a_metric_upstream_of_a_patched_layer_gets_no_effect_from_it(zoo):
+    """A metric read at layer 0's output cannot depend on layer 1: its patching effects and its
+    estimates there are exactly 0, and layer 0's are not."""
+    clean, corrupted, _, _ = repeat_pairs(2, seed=10)
+    d = _direction(zoo, 7)
+    metric = lp.at_hook("blocks.0.hook_resid_post", lambda act: (act[:, -1].double() * d.to(act.device)).sum(-1))
+    rp = an.relevance_patching(zoo, clean, corrupted, metric, methods=("grad",), patching=True, components=("heads",))
+    assert torch.equal(rp.patching.heads[:, 1], torch.zeros(2, 4, dtype=torch.float64))
+    assert torch.equal(rp.scores["grad"]["heads"][:, 1], torch.zeros(2, 4, dtype=torch.float64))
+    assert float(rp.patching.heads[:, 0].abs().max()) > 1e-3
+
+
+def test_a_metric_at_an_unknown_hook_is_refused(zoo):
+    clean, corrupted, _, _ = repeat_pairs(1, seed=11)
+    with pytest.raises(ValueError, match="metric: the model has no hook point named 'blocks.7.hook_nothing'"):
+        an.activation_patching(zoo, clean, corrupted, lp.at_hook("blocks.7.hook_nothing", lambda a: a[:, -1, 0]),
+                               components=("mlp",), progress=False)

@@ -43,7 +43,7 @@ from lens_palrp.hooks import family_for
 from lens_palrp.inputs import infer_padding
 from lens_palrp.methods import get_method
 from lens_palrp.roles import Role
-from lens_palrp.targets import takes_positions
+from lens_palrp.targets import HookTarget, takes_positions
 
 PATCHING, POSITIONAL = "patching", "positional"
 _SPLIT_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
@@ -164,6 +164,9 @@ def _metric(metric: Callable, idx: List[int], n_groups: int) -> Callable[[Tensor
     """``metric`` on one length group, as patching runs it (``metric(logits)`` or
     ``metric(logits, pair_indices)``, one value per pair); over several groups the metric must take
     the pair indices, since the edge scores of a pair must come from that pair's own answer."""
+    if isinstance(metric, HookTarget):
+        raise TypeError("edge attribution takes a metric on the logits (the logits are a receiver of the graph); "
+                        "an lp.at_hook target works with activation_patching and relevance_patching")
     if callable(metric) and n_groups > 1 and not takes_positions(metric):
         raise ValueError("the pairs have different lengths, so they run in separate batches: write the metric as "
                          "metric(logits, pair_indices) -> [len(pair_indices)] (pair_indices: which pairs the batch "

@@ -47,12 +47,13 @@ from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
 from lens_palrp.inputs import prepare_tokens
 from lens_palrp.roles import Role
-from lens_palrp.targets import takes_positions
+from lens_palrp.targets import HookTarget, at_hook, takes_positions
 
 COMPONENTS = ("heads", "resid", "mlp", "head_pos")
 POSITIONAL = ("resid", "head_pos")  # indexed by position: not pooled across pairs of other lengths
 HOOK_KIND = {"heads": "z", "head_pos": "z", "resid": "resid_pre", "mlp": "mlp_out"}
 ESTIMATE_METHODS = ("grad", "relp", "attn_lrp", "pa_lrp")
+Metric = Union[Callable[..., Tensor], HookTarget]  # on the logits, or lp.at_hook(name, fn) on an activation
 
 
 # ---------------------------------------------------------------------------------- correlations
@@ -232,6 +233,57 @@ def _as_batch_metric(metric: Callable, pair_index: Tensor) -> Callable[[Tensor],
         return value
 
     return fn
+
+
+class _Measure:
+    """The metric as patching's forwards and ``explain`` see it: ``metric(logits[, pairs])`` on the
+    logits, or an ``lp.at_hook(name, fn)`` target, ``fn(activation[, pairs])`` on the activation at
+    hook ``name`` read during the same forward (an encoder's sentence similarity, any internal
+    scalar). Either way one value per row."""
+
+    def __init__(self, metric, family):
+        self.hook_name, fn = (metric.hook_name, metric.fn) if isinstance(metric, HookTarget) else (None, metric)
+        if self.hook_name is not None and not family.has_hook(self.hook_name):
+            raise ValueError(f"metric: the model has no hook point named {self.hook_name!r}")
+        if not callable(fn):
+            raise TypeError("metric must be a callable metric(logits) -> [batch] or an lp.at_hook(name, fn) target, "
+                            f"got {type(metric).__name__}")
+        self.fn = fn
+        self._seen: Optional[Tensor] = None
+
+    def hooks(self) -> List[Tuple[str, Callable]]:
+        """The hook keeping the activation the metric reads (none on the logits); put it after the
+        patching hooks, so that at a patched hook point it sees the patched value."""
+        if self.hook_name is None:
+            return []
+
+        def keep(act, hook=None):
+            self._seen = act.detach()
+        return [(self.hook_name, keep)]
+
+    def hook_names(self) -> List[str]:
+        return [] if self.hook_name is None else [self.hook_name]
+
+    def fired_after(self, firing_order: Sequence[str]) -> List[str]:
+        """The hooks of ``firing_order`` (one forward's) that fire after the metric's own."""
+        if self.hook_name is None:
+            return []
+        return list(firing_order[firing_order.index(self.hook_name) + 1:])
+
+    def read(self, logits: Tensor, pair_index: Tensor) -> Tensor:
+        """The metric of the forward that just returned ``logits``."""
+        if self.hook_name is None:
+            return _as_batch_metric(self.fn, pair_index)(logits)
+        seen, self._seen = self._seen, None
+        if seen is None:
+            raise ValueError(f"the metric's hook {self.hook_name!r} did not run in the forward: "
+                             "name a hook point of this model")
+        return _as_batch_metric(self.fn, pair_index)(seen)
+
+    def target(self, pair_index: Tensor):
+        """What ``explain`` explains for the rows of pairs ``pair_index``."""
+        fn = _as_batch_metric(self.fn, pair_index)
+        return fn if self.hook_name is None else at_hook(self.hook_name, fn)
 
 
 # ---------------------------------------------------------------------------------- metric
@@ -534,8 +586,9 @@ class PatchingComparison:
 
 
 # ---------------------------------------------------------------------------------- patching
-def _capture(family, tokens: Tensor, names: Sequence[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Logits and the activations at ``names`` of one hooked forward (no gradient)."""
+def _capture(family, tokens: Tensor, names: Sequence[str], extra=()) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Logits and the activations at ``names`` of one hooked forward (no gradient), keyed in the
+    order the hooks fired; ``extra`` hooks run after the keepers."""
     acts: Dict[str, Tensor] = {}
 
     def keeper(name):
@@ -544,7 +597,7 @@ def _capture(family, tokens: Tensor, names: Sequence[str]) -> Tuple[Tensor, Dict
         return keep
 
     with torch.no_grad():
-        logits = family.forward(tokens, None, [(n, keeper(n)) for n in dict.fromkeys(names)])
+        logits = family.forward(tokens, None, [(n, keeper(n)) for n in dict.fromkeys(names)] + list(extra))
     return logits, acts
 
 
@@ -567,7 +620,7 @@ def _select(component, head, pos) -> Tuple:
     return (p,)
 
 
-def _patch_forward(family, corr_tokens, clean_acts, hooks, jobs, metric_fn):
+def _patch_forward(family, corr_tokens, clean_acts, hooks, jobs, measure: _Measure, pair_index: Tensor):
     """One forward: row ``i`` is pair ``jobs[i][0]`` (index within the group) with unit ``jobs[i][1:]``
     of component ``jobs[i][1]`` patched from its clean run; returns the metric per row."""
     by_name: Dict[str, List[Tuple[int, int, Tuple]]] = {}
@@ -584,20 +637,23 @@ def _patch_forward(family, corr_tokens, clean_acts, hooks, jobs, metric_fn):
         return patch
 
     rows = torch.tensor([j[0] for j in jobs], device=corr_tokens.device)
-    logits = family.forward(corr_tokens[rows], None, [(n, patcher(n, e)) for n, e in by_name.items()])
-    return metric_fn(logits)
+    logits = family.forward(corr_tokens[rows], None,
+                            [(n, patcher(n, e)) for n, e in by_name.items()] + measure.hooks())
+    return measure.read(logits, pair_index)
 
 
 @takes_hf_models
 @in_eval_mode
-def activation_patching(model, clean, corrupted, metric: Callable, *, components: Optional[Sequence[str]] = None,
+def activation_patching(model, clean, corrupted, metric: Metric, *, components: Optional[Sequence[str]] = None,
                         batch_size: int = 64, progress: bool = True) -> PatchingResult:
     """Patch each unit of each component from the clean into the corrupted run, for every pair.
 
     ``clean`` / ``corrupted``: one string each, lists of strings, or ``[n, pos]`` token tensors;
     the two prompts of a pair must have the same length (pairs of different lengths are run in
     groups by length). ``metric(logits) -> [batch]`` per row (or ``metric(logits, pairs)``,
-    ``pairs`` the pair index of each row, as ``logit_difference`` takes it). ``components``: a
+    ``pairs`` the pair index of each row, as ``logit_difference`` takes it), or
+    ``lp.at_hook(name, fn)``: ``fn(activation[, pairs])`` on the activation at hook ``name`` (an
+    encoder's pooled similarity, a neuron, a direction). ``components``: a
     subset of ``COMPONENTS``, None for every one the model has. ``batch_size``: rows per forward,
     a row being one pair with one unit patched (all pairs of a group for one unit share a forward,
     and further units fill the batch). One progress bar over the whole job.
@@ -610,6 +666,7 @@ def activation_patching(model, clean, corrupted, metric: Callable, *, components
 def _patch_pairs(model, family, pairs: _Pairs, metric, hooks, batch_size, progress) -> PatchingResult:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    measure = _Measure(metric, family)
     names = sorted({n for ns in hooks.values() for n in ns})
     n, L, T_max, H = len(pairs), family.n_layers, pairs.max_len, int(model.cfg.n_heads)
     groups = pairs.groups()
@@ -625,21 +682,21 @@ def _patch_pairs(model, family, pairs: _Pairs, metric, hooks, batch_size, progre
         for idx, jobs in plans:
             idx_t = torch.tensor(idx)
             clean_t, corr_t = pairs.stacked(idx)
-            group_metric = _as_batch_metric(metric, idx_t)
-            clean_logits, clean_acts = _capture(family, clean_t, names)
+            clean_logits, clean_acts = _capture(family, clean_t, names, measure.hooks())
+            clean_metric[idx_t] = measure.read(clean_logits, idx_t).detach().double().cpu()
             for comp in hooks:
                 if HOOK_KIND[comp] == "z" and clean_acts[hooks[comp][0]].shape[2] != H:
                     raise NotImplementedError(f"{hooks[comp][0]} holds {tuple(clean_acts[hooks[comp][0]].shape)}, "
                                               f"not [batch, pos, {H} heads, d_head]: heads cannot be patched one by one")
             with torch.no_grad():
-                clean_metric[idx_t] = group_metric(clean_logits).detach().double().cpu()
-                corr_metric[idx_t] = group_metric(family.forward(corr_t, None, [])).detach().double().cpu()
+                corr_metric[idx_t] = measure.read(family.forward(corr_t, None, measure.hooks()),
+                                                  idx_t).detach().double().cpu()
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start:start + batch_size]
                 rows_pairs = idx_t[[j[0] for j in chunk]]
                 with torch.no_grad():
-                    values = _patch_forward(family, corr_t, clean_acts, hooks, chunk,
-                                            _as_batch_metric(metric, rows_pairs)).detach().double().cpu()
+                    values = _patch_forward(family, corr_t, clean_acts, hooks, chunk, measure,
+                                            rows_pairs).detach().double().cpu()
                 for (j, comp, layer, head, pos), v in zip(chunk, values - corr_metric[rows_pairs]):
                     effects[comp][(idx[j], layer) + tuple(i for i in (head, pos) if i is not None)] = v
                 bar.update(1)
@@ -712,6 +769,7 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
     pairs = _pairs(family, clean, corrupted, device)
     hooks = _component_hooks(family, components)
     methods = _check_methods(methods)
+    measure = _Measure(metric, family)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     patched = _resolve_patching(model, pairs, patching, metric, hooks, 64, progress)
@@ -728,11 +786,12 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
             clean_t, corr_t = pairs.stacked(idx)
             if not on_clean:  # one forward per input; the differences serve every method
                 _, clean_acts = _capture(family, clean_t, names)
-                _, corr_acts = _capture(family, corr_t, names)
+                _, corr_acts = _capture(family, corr_t, names + measure.hook_names())
+                past_metric = measure.fired_after(list(corr_acts))
             H = None
             for method in methods:
                 tokens = clean_t if on_clean else corr_t
-                attr = explain(model, tokens, _as_batch_metric(metric, idx_t), method=_lrp_name(method),
+                attr = explain(model, tokens, measure.target(idx_t), method=_lrp_name(method),
                                attention_mask=torch.ones_like(tokens), record_gradients=None if on_clean else names)
                 _check_same_metric(patched, idx_t, attr.target_value, "clean" if on_clean else "corrupted")
                 H = attr.heads.shape[2]
@@ -743,7 +802,7 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
                     else:
                         grid = torch.stack([
                             _reduce(comp, ((clean_acts[nm] - corr_acts[nm]).double()
-                                           * attr.gradients[nm].to(clean_acts[nm].device).double()), T_max)
+                                           * _gradient(attr, nm, clean_acts[nm], past_metric)), T_max)
                             for nm in comp_names], dim=1)
                     out[comp][idx_t] = grid.detach().double().cpu()
                 bar.update(1)
@@ -751,6 +810,16 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
         bar.close()
     what = "relevance on the clean run" if on_clean else "estimated patching effect"
     return PatchingComparison(scores, patched, pairs.str_tokens, what, [int(t.shape[0]) for t in pairs.clean])
+
+
+def _gradient(attr, name: str, like: Tensor, past_metric: Sequence[str]) -> Tensor:
+    """The recorded (rule-modified) gradient at ``name``, as float64 on ``like``'s device. Under an
+    ``at_hook`` metric the sweep's forward stops at the metric's hook, so a hook that fires after
+    it (``past_metric``, seen in a full forward) records nothing: the metric does not depend on it,
+    and its gradient is exactly 0."""
+    if name in past_metric:
+        return torch.zeros_like(like, dtype=torch.float64)
+    return attr.gradients[name].to(like.device).double()
 
 
 def _relevance(component: str, attr, T_max: int) -> Tensor:
@@ -766,7 +835,7 @@ def _relevance(component: str, attr, T_max: int) -> Tensor:
 
 @takes_hf_models
 @in_eval_mode
-def relevance_patching(model, clean, corrupted, metric: Callable,
+def relevance_patching(model, clean, corrupted, metric: Metric,
                        methods: Sequence[str] = ESTIMATE_METHODS, *,
                        patching: Union[None, bool, PatchingResult] = None,
                        components: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
@@ -785,7 +854,7 @@ def relevance_patching(model, clean, corrupted, metric: Callable,
 
 @takes_hf_models
 @in_eval_mode
-def compare_with_patching(model, clean, corrupted, metric: Callable,
+def compare_with_patching(model, clean, corrupted, metric: Metric,
                           methods: Sequence[str] = ("pa_lrp", "attn_lrp"), *,
                           patching: Optional[PatchingResult] = None,
                           components: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
