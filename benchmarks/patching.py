@@ -51,7 +51,6 @@ Models and tasks:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -154,7 +153,6 @@ class Task:
     metric: Callable[[int], Callable]
     scope: Dict[str, int]
     notes: List[str] = field(default_factory=list)
-    last_position_only: Optional[str] = None  # a hook where activation patching may keep only the last position
 
     @property
     def n_pairs(self) -> int:
@@ -238,8 +236,7 @@ def _gemma_task(model, name: str, clean, corrupted, answers, wrongs, scope, note
     def metric(k):
         return ap.logit_difference(answer_ids[:k], wrong_ids[:k], position=-1)
 
-    return Task("gemma-3-270m", f"{name} ({lengths.pop()} tokens)", clean, corrupted, metric, scope, notes,
-                last_position_only=family_for(model).final_hidden_hook)
+    return Task("gemma-3-270m", f"{name} ({lengths.pop()} tokens)", clean, corrupted, metric, scope, notes)
 
 
 def gemma_induction(model, n: int, resid_pairs: int) -> Task:
@@ -365,17 +362,6 @@ def _agreement_rows(comparison) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------------ running
-@contextlib.contextmanager
-def _only_last_position(model, hook: Optional[str]):
-    """Activation patching of a last-position metric: the unembedding (262k words on Gemma) runs
-    on the last position only. A user hook on ``hook`` keeps ``[:, -1:]``; removed afterwards."""
-    if hook is None:
-        yield
-        return
-    with family_for(model).hooks_attached([(hook, lambda act, hook=None: act[:, -1:])]):
-        yield
-
-
 def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str], batch_size: int,
              progress: bool) -> dict:
     """Patching, estimates, agreement, timings (and the ablation) for one task, grouped by the number
@@ -393,9 +379,8 @@ def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str],
         metric = task.metric(k)
         clean, corrupted = task.clean[:k], task.corrupted[:k]
         t0 = time.perf_counter()
-        with _only_last_position(model, task.last_position_only):
-            patched = ap.activation_patching(model, clean, corrupted, metric, components=comps,
-                                             batch_size=batch_size, progress=progress)
+        patched = ap.activation_patching(model, clean, corrupted, metric, components=comps,
+                                         batch_size=batch_size, progress=progress)
         t_patch = time.perf_counter() - t0
         t0 = time.perf_counter()
         comparison = ap.relevance_patching(model, clean, corrupted, metric, methods=methods, patching=patched,

@@ -415,3 +415,47 @@ def test_a_metric_at_an_unknown_hook_is_refused(zoo):
     with pytest.raises(ValueError, match="metric: the model has no hook point named 'blocks.7.hook_nothing'"):
         an.activation_patching(zoo, clean, corrupted, lp.at_hook("blocks.7.hook_nothing", lambda a: a[:, -1, 0]),
                                components=("mlp",), progress=False)
+
+
+@pytest.mark.parametrize("position", [-1, -2, 7])  # the corruption is at 6 of 9
+def test_a_logit_difference_unembeds_its_position_only_and_changes_nothing(zoo, position):
+    """With ``logit_difference`` the unembedding gets one position per row (a third of a forward
+    on a large vocabulary); the same metric as a plain callable keeps every position. Effects,
+    metrics and estimates agree (a wrong position or wrong per-pair ids would not), and the
+    unembedding's forward is put back, also when a forward fails."""
+    from lens_palrp.hooks import family_for
+
+    clean, corrupted, correct, wrong = repeat_pairs(3, seed=12)
+    fast = an.logit_difference(correct, wrong, position=position, model=zoo)
+    c, w = fast.correct, fast.wrong
+    def plain(logits, pairs):
+        at = logits[:, position]
+        rows = torch.arange(len(pairs))
+        return at[rows, c[pairs]] - at[rows, w[pairs]]
+
+    unembed = family_for(zoo).unembed_module()
+    widths = []
+    handle = unembed.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
+    try:
+        narrow = an.relevance_patching(zoo, clean, corrupted, fast, methods=("grad", "pa_lrp"), patching=True,
+                                       components=("heads", "resid"))
+        assert set(widths) == {1}, widths
+        widths.clear()
+        full = an.relevance_patching(zoo, clean, corrupted, plain, methods=("grad", "pa_lrp"), patching=True,
+                                     components=("heads", "resid"))
+        assert set(widths) == {9}, widths
+    finally:
+        handle.remove()
+    tol = dict(rtol=1e-5, atol=1e-6) if lp.hooks.transformer_bridge.is_transformer_bridge(zoo) else \
+        dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(narrow.patching.corrupted_metric, full.patching.corrupted_metric, **tol)
+    assert float((narrow.patching.clean_metric - narrow.patching.corrupted_metric).abs().min()) > 1e-6
+    for comp in ("heads", "resid"):
+        torch.testing.assert_close(narrow.patching.effects[comp], full.patching.effects[comp], **tol)
+        for method in ("grad", "pa_lrp"):
+            torch.testing.assert_close(narrow.scores[method][comp], full.scores[method][comp], **tol)
+    assert "forward" not in unembed.__dict__
+    broken = an.logit_difference([0, 1, 10**6], wrong, model=zoo)  # an id past the vocabulary
+    with pytest.raises(IndexError):
+        an.activation_patching(zoo, clean, corrupted, broken, components=("mlp",), progress=False)
+    assert "forward" not in unembed.__dict__

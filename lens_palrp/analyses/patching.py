@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import plotly.graph_objects as go
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from transformer_lens.utilities import get_act_name
 
 from lens_palrp.analyses.common import in_eval_mode, layer_hooks, takes_hf_models
+from lens_palrp.canonizers.logit_positions import LogitsAtPositions
 from lens_palrp.engine import explain
 from lens_palrp.hooks import family_for
 from lens_palrp.inputs import prepare_tokens
@@ -248,8 +250,26 @@ class _Measure:
         if not callable(fn):
             raise TypeError("metric must be a callable metric(logits) -> [batch] or an lp.at_hook(name, fn) target, "
                             f"got {type(metric).__name__}")
-        self.fn = fn
+        self.fn, self.family = fn, family
         self._seen: Optional[Tensor] = None
+        # a logit difference reads one position: the unembedding runs there only (a third of a
+        # forward on a 262k-word vocabulary); any other callable may read any position and keeps all
+        self.logit_difference = fn if isinstance(fn, LogitDifference) and family.unembed_module() is not None else None
+
+    @contextmanager
+    def forwards(self) -> Iterator[None]:
+        """Around patching's forwards: with a logit difference, the unembedding is handed its
+        position of the final residual only (``canonizers.LogitsAtPositions``, as ``explain`` does
+        for logit targets); put back on exit, whatever happens."""
+        if self.logit_difference is None:
+            yield
+            return
+        narrowed = LogitsAtPositions(torch.tensor(self.logit_difference.position))
+        narrowed.register(self.family, None)
+        try:
+            yield
+        finally:
+            narrowed.remove()
 
     def hooks(self) -> List[Tuple[str, Callable]]:
         """The hook keeping the activation the metric reads (none on the logits); put it after the
@@ -272,6 +292,9 @@ class _Measure:
 
     def read(self, logits: Tensor, pair_index: Tensor) -> Tensor:
         """The metric of the forward that just returned ``logits``."""
+        if self.logit_difference is not None:  # logits of the one position (inside forwards())
+            fn = self.logit_difference
+            return _as_batch_metric(LogitDifference(fn.correct, fn.wrong, 0), pair_index)(logits)
         if self.hook_name is None:
             return _as_batch_metric(self.fn, pair_index)(logits)
         seen, self._seen = self._seen, None
@@ -280,10 +303,17 @@ class _Measure:
                              "name a hook point of this model")
         return _as_batch_metric(self.fn, pair_index)(seen)
 
-    def target(self, pair_index: Tensor):
-        """What ``explain`` explains for the rows of pairs ``pair_index``."""
+    def explain_target(self, pair_index: Tensor) -> Dict[str, object]:
+        """``explain``'s ``target`` (and ``position``) for the rows of pairs ``pair_index``: a logit
+        difference as explain's own (correct, wrong) pairs, so that its sweep too unembeds the
+        one position; any other metric as a callable or an ``at_hook`` target."""
+        if self.logit_difference is not None:
+            fn = self.logit_difference
+            correct, wrong = (ids[pair_index] if ids.numel() > 1 else ids.expand(len(pair_index))
+                              for ids in (fn.correct, fn.wrong))
+            return {"target": list(zip(correct.tolist(), wrong.tolist())), "position": fn.position}
         fn = _as_batch_metric(self.fn, pair_index)
-        return fn if self.hook_name is None else at_hook(self.hook_name, fn)
+        return {"target": fn if self.hook_name is None else at_hook(self.hook_name, fn)}
 
 
 # ---------------------------------------------------------------------------------- metric
@@ -678,7 +708,7 @@ def _patch_pairs(model, family, pairs: _Pairs, metric, hooks, batch_size, progre
              for T, idx in groups.items()]  # unit-major: the pairs of one unit fill a forward together
     bar = tqdm(total=sum(math.ceil(len(jobs) / batch_size) for _, jobs in plans), desc="activation patching",
                disable=not progress, unit="forward")
-    try:
+    with bar, measure.forwards():  # the bar closed and the unembedding put back, whatever happens
         for idx, jobs in plans:
             idx_t = torch.tensor(idx)
             clean_t, corr_t = pairs.stacked(idx)
@@ -700,8 +730,6 @@ def _patch_pairs(model, family, pairs: _Pairs, metric, hooks, batch_size, progre
                 for (j, comp, layer, head, pos), v in zip(chunk, values - corr_metric[rows_pairs]):
                     effects[comp][(idx[j], layer) + tuple(i for i in (head, pos) if i is not None)] = v
                 bar.update(1)
-    finally:
-        bar.close()
     return PatchingResult(effects, clean_metric, corr_metric, pairs.str_tokens, _model_name(model),
                           [t.cpu() for t in pairs.clean], [t.cpu() for t in pairs.corrupted], hooks)
 
@@ -785,13 +813,14 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
             idx_t = torch.tensor(idx)
             clean_t, corr_t = pairs.stacked(idx)
             if not on_clean:  # one forward per input; the differences serve every method
-                _, clean_acts = _capture(family, clean_t, names)
-                _, corr_acts = _capture(family, corr_t, names + measure.hook_names())
+                with measure.forwards():
+                    _, clean_acts = _capture(family, clean_t, names)
+                    _, corr_acts = _capture(family, corr_t, names + measure.hook_names())
                 past_metric = measure.fired_after(list(corr_acts))
             H = None
             for method in methods:
                 tokens = clean_t if on_clean else corr_t
-                attr = explain(model, tokens, measure.target(idx_t), method=_lrp_name(method),
+                attr = explain(model, tokens, **measure.explain_target(idx_t), method=_lrp_name(method),
                                attention_mask=torch.ones_like(tokens), record_gradients=None if on_clean else names)
                 _check_same_metric(patched, idx_t, attr.target_value, "clean" if on_clean else "corrupted")
                 H = attr.heads.shape[2]
