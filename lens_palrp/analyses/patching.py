@@ -252,6 +252,7 @@ class _Measure:
                             f"got {type(metric).__name__}")
         self.fn, self.family = fn, family
         self._seen: Optional[Tensor] = None
+        self._narrowed = False  # inside forwards(): the logits hold the logit difference's position only
         # a logit difference reads one position: the unembedding runs there only (a third of a
         # forward on a 262k-word vocabulary); any other callable may read any position and keeps all
         self.logit_difference = fn if isinstance(fn, LogitDifference) and family.unembed_module() is not None else None
@@ -266,9 +267,11 @@ class _Measure:
             return
         narrowed = LogitsAtPositions(torch.tensor(self.logit_difference.position))
         narrowed.register(self.family, None)
+        self._narrowed = True
         try:
             yield
         finally:
+            self._narrowed = False
             narrowed.remove()
 
     def hooks(self) -> List[Tuple[str, Callable]]:
@@ -292,7 +295,7 @@ class _Measure:
 
     def read(self, logits: Tensor, pair_index: Tensor) -> Tensor:
         """The metric of the forward that just returned ``logits``."""
-        if self.logit_difference is not None:  # logits of the one position (inside forwards())
+        if self._narrowed:  # logits of the logit difference's one position
             fn = self.logit_difference
             return _as_batch_metric(LogitDifference(fn.correct, fn.wrong, 0), pair_index)(logits)
         if self.hook_name is None:
