@@ -256,6 +256,8 @@ class _Measure:
         # a logit difference reads one position: the unembedding runs there only (a third of a
         # forward on a 262k-word vocabulary); any other callable may read any position and keeps all
         self.logit_difference = fn if isinstance(fn, LogitDifference) and family.unembed_module() is not None else None
+        self._at_narrowed = (None if self.logit_difference is None else  # position 0 of the narrowed logits
+                             LogitDifference(fn.correct, fn.wrong, 0))
 
     @contextmanager
     def forwards(self) -> Iterator[None]:
@@ -296,8 +298,7 @@ class _Measure:
     def read(self, logits: Tensor, pair_index: Tensor) -> Tensor:
         """The metric of the forward that just returned ``logits``."""
         if self._narrowed:  # logits of the logit difference's one position
-            fn = self.logit_difference
-            return _as_batch_metric(LogitDifference(fn.correct, fn.wrong, 0), pair_index)(logits)
+            return _as_batch_metric(self._at_narrowed, pair_index)(logits)
         if self.hook_name is None:
             return _as_batch_metric(self.fn, pair_index)(logits)
         seen, self._seen = self._seen, None
@@ -311,10 +312,8 @@ class _Measure:
         difference as explain's own (correct, wrong) pairs, so that its sweep too unembeds the
         one position; any other metric as a callable or an ``at_hook`` target."""
         if self.logit_difference is not None:
-            fn = self.logit_difference
-            correct, wrong = (ids[pair_index] if ids.numel() > 1 else ids.expand(len(pair_index))
-                              for ids in (fn.correct, fn.wrong))
-            return {"target": list(zip(correct.tolist(), wrong.tolist())), "position": fn.position}
+            correct, wrong = self.logit_difference.ids(len(pair_index), pair_index)
+            return {"target": list(zip(correct.tolist(), wrong.tolist())), "position": self.logit_difference.position}
         fn = _as_batch_metric(self.fn, pair_index)
         return {"target": fn if self.hook_name is None else at_hook(self.hook_name, fn)}
 
@@ -327,16 +326,21 @@ class LogitDifference:
     def __init__(self, correct: Tensor, wrong: Tensor, position: int):
         self.correct, self.wrong, self.position = correct, wrong, int(position)
 
-    def __call__(self, logits: Tensor, pairs: Optional[Tensor] = None) -> Tensor:
-        correct, wrong = self.correct.to(logits.device), self.wrong.to(logits.device)
+    def ids(self, n_rows: int, pairs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The correct and wrong id of each of ``n_rows`` rows (``pairs``: each row's pair index)."""
+        correct, wrong = self.correct, self.wrong
         if pairs is not None and correct.numel() > 1:
-            correct, wrong = correct[pairs], wrong[pairs]
-        if correct.numel() > 1 and correct.numel() != logits.shape[0]:
+            correct, wrong = correct[pairs.to(correct.device)], wrong[pairs.to(correct.device)]
+        if correct.numel() > 1 and correct.numel() != n_rows:
             raise ValueError(f"logit_difference holds ids for {correct.numel()} pairs, the logits are for "
-                             f"{logits.shape[0]}; call it with the pair index of each row")
+                             f"{n_rows}; call it with the pair index of each row")
+        return correct.expand(n_rows), wrong.expand(n_rows)
+
+    def __call__(self, logits: Tensor, pairs: Optional[Tensor] = None) -> Tensor:
+        correct, wrong = (ids.to(logits.device) for ids in self.ids(logits.shape[0], pairs))
         at = logits[:, self.position]
         rows = torch.arange(logits.shape[0], device=logits.device)
-        return at[rows, correct.expand(logits.shape[0])] - at[rows, wrong.expand(logits.shape[0])]
+        return at[rows, correct] - at[rows, wrong]
 
     def __repr__(self):
         return f"logit_difference(correct={self.correct.tolist()}, wrong={self.wrong.tolist()}, position={self.position})"
@@ -375,6 +379,18 @@ def logit_difference(correct, wrong, position: int = -1, model=None) -> LogitDif
 
 
 # ---------------------------------------------------------------------------------- results
+def _poolable(component: str, lengths: Sequence[int]) -> bool:
+    """Whether the pairs' values of ``component`` may be averaged: position p is the same token in
+    every pair only where the pairs have one length."""
+    return component not in POSITIONAL or len(set(lengths)) <= 1
+
+
+def _require_pooled(component: str, lengths: Sequence[int], what: str) -> None:
+    if not _poolable(component, lengths):
+        raise ValueError(f"{component}: the pairs have different lengths {sorted(set(lengths))}; "
+                         f"position-indexed {what} are not pooled across them (group the pairs by length)")
+
+
 @dataclass
 class PatchingResult:
     """Activation patching over ``n`` pairs: ``effects[component]`` ``[n, ...]`` is
@@ -418,9 +434,7 @@ class PatchingResult:
     def mean(self, component: str) -> Tensor:
         """The pair-mean effect; refused for a position-indexed component over pairs of different
         lengths (position p is not the same token there)."""
-        if component in POSITIONAL and len(set(self.lengths)) > 1:
-            raise ValueError(f"{component}: the pairs have different lengths {sorted(set(self.lengths))}; "
-                             f"position-indexed effects are not pooled across them (group the pairs by length)")
+        _require_pooled(component, self.lengths, "effects")
         return self.effects[component].mean(0)
 
     def to_frame(self):
@@ -482,7 +496,7 @@ class PatchingComparison:
         return len(self.str_tokens)
 
     def _pooled_ok(self, component: str) -> bool:
-        return component not in POSITIONAL or len(set(self.lengths)) <= 1
+        return _poolable(component, self.lengths)
 
     def _require_patching(self, what: str) -> PatchingResult:
         if self.patching is None:
@@ -542,11 +556,8 @@ class PatchingComparison:
         has the same length)."""
         import pandas as pd
 
-        sources = dict(self.scores)
-        if self.patching is not None:
-            sources = {"patching": self.patching.effects, **sources}
         frames = []
-        for source, by_comp in sources.items():
+        for source, by_comp in self._sources().items():
             for comp, grid in by_comp.items():
                 if not self._pooled_ok(comp):
                     continue
@@ -559,17 +570,17 @@ class PatchingComparison:
 
     def to_frame(self):
         """Tidy per-pair table: source (patching or a method), component, pair, layer, head, pos, value."""
-        sources = dict(self.scores)
-        if self.patching is not None:
-            sources = {"patching": self.patching.effects, **sources}
-        return _long_frame(sources)
+        return _long_frame(self._sources())
+
+    def _sources(self) -> Dict[str, Dict[str, Tensor]]:
+        """Activation patching's effects first (where there are some), then each method's scores."""
+        head = {} if self.patching is None else {"patching": self.patching.effects}
+        return {**head, **self.scores}
 
     table = to_frame
 
     def mean(self, method: str, component: str) -> Tensor:
-        if not self._pooled_ok(component):
-            raise ValueError(f"{component}: the pairs have different lengths {sorted(set(self.lengths))}; "
-                             f"position-indexed scores are not pooled across them")
+        _require_pooled(component, self.lengths, "scores")
         return self.scores[method][component].mean(0)
 
     def figure(self, method: Optional[str] = None, components: Optional[Sequence[str]] = None,
@@ -703,8 +714,7 @@ def _patch_pairs(model, family, pairs: _Pairs, metric, hooks, batch_size, progre
     names = sorted({n for ns in hooks.values() for n in ns})
     n, L, T_max, H = len(pairs), family.n_layers, pairs.max_len, int(model.cfg.n_heads)
     groups = pairs.groups()
-    shapes = {"heads": (n, L, H), "resid": (n, L, T_max), "mlp": (n, L), "head_pos": (n, L, H, T_max)}
-    effects = {c: torch.full(shapes[c], float("nan"), dtype=torch.float64) for c in hooks}
+    effects = _empty(hooks, n, L, H, T_max)
     clean_metric = torch.zeros(n, dtype=torch.float64)
     corr_metric = torch.zeros(n, dtype=torch.float64)
     plans = [(idx, [(j, comp) + site for comp in hooks for site in _sites(comp, L, H, T) for j in range(len(idx))])
@@ -749,12 +759,13 @@ def _reduce(component: str, grid: Tensor, T_max: int) -> Tensor:
         return grid.sum((1, 3))
     if component == "mlp":
         return grid.sum((1, 2))
-    if component == "resid":
-        out = grid.sum(2)
-    else:
-        out = grid.sum(3).transpose(1, 2)
-    pad = T_max - out.shape[-1]
-    return torch.nn.functional.pad(out, (0, pad), value=float("nan")) if pad else out
+    return _pad_positions(grid.sum(2) if component == "resid" else grid.sum(3).transpose(1, 2), T_max)
+
+
+def _pad_positions(grid: Tensor, T_max: int) -> Tensor:
+    """``grid [..., pos]`` NaN-padded to ``T_max`` positions (a shorter pair's missing ones)."""
+    pad = T_max - grid.shape[-1]
+    return torch.nn.functional.pad(grid, (0, pad), value=float("nan")) if pad else grid
 
 
 def _empty(hooks, n, L, H, T_max):
@@ -811,7 +822,7 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
               for s in range(0, len(idx), batch_size or len(idx))]
     bar = tqdm(total=len(chunks) * len(methods), desc="relevance" if on_clean else "relevance patching",
                disable=not progress, unit="explain")
-    try:
+    with bar:
         for T, idx in chunks:
             idx_t = torch.tensor(idx)
             clean_t, corr_t = pairs.stacked(idx)
@@ -838,8 +849,6 @@ def _run_estimates(model, clean, corrupted, metric, methods, patching, component
                             for nm in comp_names], dim=1)
                     out[comp][idx_t] = grid.detach().double().cpu()
                 bar.update(1)
-    finally:
-        bar.close()
     what = "relevance on the clean run" if on_clean else "estimated patching effect"
     return PatchingComparison(scores, patched, pairs.str_tokens, what, [int(t.shape[0]) for t in pairs.clean])
 
@@ -860,9 +869,7 @@ def _relevance(component: str, attr, T_max: int) -> Tensor:
         return attr.heads
     if component == "mlp":
         return attr.mlp.sum(-1)
-    grid = attr.residual[:, :-1] if component == "resid" else attr.heads_by_pos
-    pad = T_max - grid.shape[-1]
-    return torch.nn.functional.pad(grid, (0, pad), value=float("nan")) if pad else grid
+    return _pad_positions(attr.residual[:, :-1] if component == "resid" else attr.heads_by_pos, T_max)
 
 
 @takes_hf_models
