@@ -77,12 +77,13 @@ from lens_palrp.analyses import patching as ap  # noqa: E402
 from lens_palrp.hooks import family_for  # noqa: E402
 from lens_palrp.methods import METHODS as REGISTRY, register_method  # noqa: E402
 from lens_palrp.roles import Role  # noqa: E402
+from lens_palrp.similarity import mean_pool  # noqa: E402
 
 SEED = 0
 ZOO = ("rope-repeat", "learned-absolute", "alibi-repeat")
 ALL_MODELS = ZOO + ("minilm", "gemma")
-ESTIMATORS = ("grad", "relp", "attn_lrp", "pa_lrp")
-COMPONENTS = ("heads", "resid", "mlp", "head_pos")
+ESTIMATORS = ap.ESTIMATE_METHODS
+COMPONENTS = ap.COMPONENTS
 QUICK = dict(models=("rope-repeat",), pairs=8)
 BOOTSTRAP = 2000
 
@@ -159,11 +160,7 @@ class Task:
         return len(self.clean)
 
 
-def _first(spec, k):
-    return spec[:k]
-
-
-def zoo_task(name: str, n: int, model) -> Task:
+def zoo_task(name: str, n: int) -> Task:
     """The zoo model's own task, answer at the last position; the corrupted prompt differs at the
     position the answer is read from (another symbol there, so the answer changes)."""
     from lens_palrp.zoo.tasks import SPECIAL, SYMBOLS
@@ -304,9 +301,7 @@ def minilm_task(model, n: int, positional_pairs: int) -> Task:
 
     def cosine(hidden, rows):
         m = masks[rows].to(hidden)
-        pa = (hidden * m[:, 0, :, None]).sum(1) / m[:, 0].sum(1, keepdim=True)
-        pb = (hidden * m[:, 1, :, None]).sum(1) / m[:, 1].sum(1, keepdim=True)
-        return torch.nn.functional.cosine_similarity(pa, pb, dim=-1)
+        return torch.nn.functional.cosine_similarity(mean_pool(hidden, m[:, 0]), mean_pool(hidden, m[:, 1]), dim=-1)
 
     task = Task("all-MiniLM-L6-v2", f"sentence similarity, word of B swapped ({T} tokens)", clean, corrupted,
                 lambda k: lp.at_hook(hook, cosine),
@@ -329,14 +324,6 @@ def _boot(values: np.ndarray, statistic, n_resamples: int = BOOTSTRAP, seed: int
     return point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
-def _spearman(x, y) -> float:
-    from scipy import stats
-
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(stats.spearmanr(x, y).statistic)
-
-
 def head_split(patched: torch.Tensor, estimate: torch.Tensor) -> Dict[str, tuple]:
     """Per pair: heads split at that pair's median |patching effect|; Spearman within the big and
     the small half, sign agreement overall and in the small half; mean over pairs with intervals."""
@@ -346,7 +333,7 @@ def head_split(patched: torch.Tensor, estimate: torch.Tensor) -> Dict[str, tuple
     for p, e in zip(P, E):
         big = np.abs(p) >= np.median(np.abs(p))
         same = np.sign(p) == np.sign(e)
-        rows.append([_spearman(p[big], e[big]), _spearman(p[~big], e[~big]), same.mean(), same[~big].mean(),
+        rows.append([ap.spearman(p[big], e[big]), ap.spearman(p[~big], e[~big]), same.mean(), same[~big].mean(),
                      same[big].mean()])
     rows = np.array(rows)
     out = {}
@@ -434,7 +421,7 @@ def available(name: str) -> Optional[str]:
 
 def tasks_for(name: str, model, args) -> List[Task]:
     if name in ZOO:
-        return [zoo_task(name, args.pairs, model)]
+        return [zoo_task(name, args.pairs)]
     if name == "gemma":
         return [gemma_ioi(model, args.gemma_pairs or args.pairs, args.gemma_resid_pairs),
                 gemma_induction(model, args.gemma_induction_pairs or args.pairs, args.gemma_induction_resid_pairs)]
@@ -456,11 +443,9 @@ def run(args) -> dict:
                 ablation = ()
             elif name == "gemma" and (i == 0 or args.ablation == "all"):
                 ablation = tuple(VARIANTS)
-            elif name == args.models[0] and name in ZOO or args.ablation == "all":
+            elif name in ZOO and (name == args.models[0] or args.ablation == "all"):
                 ablation = ZOO_VARIANTS
             else:
-                ablation = ()
-            if name == "minilm":
                 ablation = ()
             t0 = time.perf_counter()
             record = run_task(model, task, ESTIMATORS, ablation, args.batch_size, args.progress)

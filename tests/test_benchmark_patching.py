@@ -54,8 +54,7 @@ def test_ablation_head_split_and_timings_are_recorded(quick):
 
 def test_the_corruption_changes_only_the_answer_position(quick):
     bench = quick[0]
-    model = bench.load("rope-repeat")
-    task = bench.zoo_task("rope-repeat", 8, model)
+    task = bench.zoo_task("rope-repeat", 8)
     differs = (task.clean != task.corrupted)
     zoo_task = bench.lp.zoo.task("rope-repeat")
     src = zoo_task.relevant_position(task.clean.shape[1] - 1)

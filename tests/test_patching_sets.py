@@ -11,8 +11,8 @@ from scipy import stats
 import lens_palrp as lp
 from lens_palrp import analyses as an
 from lens_palrp.analyses import patching as P
+from lens_palrp.zoo.tasks import SYMBOLS  # the zoo tokenizer's symbols
 
-SYMBOLS = list("abcdefghijklmnop")
 
 
 def repeat_pairs(n, n_symbols=8, seed=0):
@@ -38,6 +38,21 @@ def zoo():
     model = model.to(torch.float64)
     model.cfg.dtype = torch.float64
     return model
+
+
+def _zero_leaves(names):
+    """Forward hooks that add a zero leaf of our own at each hook (``act + 0``): after a backward,
+    ``zeros[name].grad`` is the gradient at that hook and ``acts[name]`` the activation there."""
+    acts, zeros = {}, {}
+
+    def leaf(name):
+        def add(act, hook):
+            acts[name] = act.detach().clone()
+            zeros[name] = torch.zeros_like(acts[name], requires_grad=True)
+            return act + zeros[name]
+        return add
+
+    return [(n, leaf(n)) for n in names], acts, zeros
 
 
 def linear_tail_model(attn_only=False):
@@ -152,16 +167,8 @@ def test_grad_estimate_equals_autograd_and_transformer_lens(zoo):
     flat = [n for ns in names.values() for n in ns]
     with torch.no_grad():
         _, cache = zoo.run_with_cache(c, names_filter=flat)
-    acts, zeros = {}, {}
-
-    def leaf(name):  # act + a zero leaf of our own: the leaf's .grad is the gradient at the hook
-        def add(act, hook):
-            acts[name] = act.detach().clone()
-            zeros[name] = torch.zeros_like(acts[name], requires_grad=True)
-            return act + zeros[name]
-        return add
-
-    with zoo.hooks(fwd_hooks=[(n, leaf(n)) for n in flat]):
+    leaves, acts, zeros = _zero_leaves(flat)
+    with zoo.hooks(fwd_hooks=leaves):
         metric(zoo(k)).sum().backward()
     zoo.zero_grad(set_to_none=True)
     prod = {n: (cache[n] - acts[n]) * zeros[n].grad for n in flat}
@@ -360,8 +367,8 @@ def test_a_metric_at_a_hook_patches_and_estimates_as_by_hand(zoo):
     def value(i):
         return float((seen["act"][0, -1].double() * dirs[i]).sum())
 
-    tol = dict(rel=1e-5, abs=1e-6) if lp.hooks.transformer_bridge.is_transformer_bridge(zoo) else \
-        dict(rel=1e-10, abs=1e-12)
+    bridge = lp.hooks.transformer_bridge.is_transformer_bridge(zoo)
+    tol = dict(rel=1e-5, abs=1e-6) if bridge else dict(rel=1e-10, abs=1e-12)
     for i in range(3):
         with torch.no_grad():
             zoo.run_with_hooks(k[i:i + 1], fwd_hooks=[(name, read)])
@@ -379,22 +386,14 @@ def test_a_metric_at_a_hook_patches_and_estimates_as_by_hand(zoo):
                 assert float(rp.patching.heads[i, layer, head]) == pytest.approx(value(i) - base, **tol)
     assert float(rp.patching.heads.abs().max()) > 1e-3
     # "grad": (clean - corrupted) . d metric / d z, by autograd on the corrupted batch
-    zeros, acts = {}, {}
-
-    def leaf(z):
-        def add(act, hook):
-            acts[z] = act.detach().clone()
-            zeros[z] = torch.zeros_like(acts[z], requires_grad=True)
-            return act + zeros[z]
-        return add
-
-    with zoo.hooks(fwd_hooks=[(z, leaf(z)) for z in z_names] + [(name, lambda act, hook: seen.update(act=act))]):
+    leaves, acts, zeros = _zero_leaves(z_names)
+    with zoo.hooks(fwd_hooks=leaves + [(name, lambda act, hook: seen.update(act=act))]):
         zoo(k)
         (seen["act"][:, -1].double() * dirs).sum().backward()
     zoo.zero_grad(set_to_none=True)
     want = torch.stack([((cache[z] - acts[z]) * zeros[z].grad).sum((1, 3)) for z in z_names], 1).double()
-    torch.testing.assert_close(rp.scores["grad"]["heads"], want, **({"rtol": 1e-5, "atol": 1e-6} if tol["rel"] > 1e-9
-                                                                   else {"rtol": 1e-9, "atol": 1e-12}))
+    torch.testing.assert_close(rp.scores["grad"]["heads"], want,
+                               **(dict(rtol=1e-5, atol=1e-6) if bridge else dict(rtol=1e-9, atol=1e-12)))
     assert not torch.allclose(rp.scores["pa_lrp"]["heads"], want)  # the rules act on this target too
 
 
