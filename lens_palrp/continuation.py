@@ -23,6 +23,7 @@ from lens_palrp.hooks import family_for
 from lens_palrp.hooks.base import TextFamily
 from lens_palrp.models import explainable
 from lens_palrp.result import Attribution
+from lens_palrp.safety import evaluating
 
 TokensLike = Union[str, Tensor, np.ndarray, Sequence[int]]
 
@@ -173,27 +174,21 @@ def _ids(family, spec: TokensLike, what: str, prepend_bos: Optional[bool]) -> Te
 
 def _greedy(model, family, prompt_ids: Tensor, max_new_tokens: int, device) -> Tensor:
     """The model's greedy continuation (argmax each step, no cache; stops after its EOS token).
-    Run in eval mode, every module's training flag given back afterwards."""
+    Run in eval mode, every module's training flag given back afterwards (``safety.evaluating``)."""
     tokenizer = family.tokenizer
     eos = getattr(tokenizer, "eos_token_id", None)
     sequence = prompt_ids.to(device)
-    flags = [(m, m.training) for m in model.modules()]
     new: List[int] = []
-    try:
-        model.eval()
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                if sequence.numel() >= family.n_ctx:
-                    break
-                logits = family.forward(sequence[None], None, ())
-                token = int(logits[0, -1].argmax())
-                new.append(token)
-                sequence = torch.cat([sequence, torch.tensor([token], device=device)])
-                if eos is not None and token == eos:
-                    break
-    finally:
-        for module, training in flags:
-            module.training = training
+    with evaluating(model), torch.no_grad():
+        for _ in range(max_new_tokens):
+            if sequence.numel() >= family.n_ctx:
+                break
+            logits = family.forward(sequence[None], None, ())
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            sequence = torch.cat([sequence, torch.tensor([token], device=device)])
+            if eos is not None and token == eos:
+                break
     if not new:
         raise ValueError(f"the prompt fills the model's context ({family.n_ctx} tokens): nothing to generate")
     return torch.tensor(new, dtype=torch.long)

@@ -36,12 +36,8 @@ def target_labels(family, target, target_fn, hook_target, batch: int) -> List[st
     if hook_target is not None:
         return [f"a scalar of the activation at hook {hook_target.hook_name}"] * batch
     if isinstance(target_fn, LogitTarget):
-        correct = target_fn.correct.reshape(-1).expand(batch).tolist() if target_fn.correct.numel() == 1 \
-            else target_fn.correct.tolist()
-        wrong = None
-        if target_fn.wrong is not None:
-            wrong = target_fn.wrong.reshape(-1).expand(batch).tolist() if target_fn.wrong.numel() == 1 \
-                else target_fn.wrong.tolist()
+        correct = _per_example(target_fn.correct, batch)
+        wrong = None if target_fn.wrong is None else _per_example(target_fn.wrong, batch)
         out = []
         for b in range(batch):
             label = f"logit of {_token_text(family, int(correct[b]))}"
@@ -51,6 +47,11 @@ def target_labels(family, target, target_fn, hook_target, batch: int) -> List[st
         return out
     name = getattr(target, "__name__", type(target).__name__)
     return [f"the metric {name}(logits)"] * batch
+
+
+def _per_example(ids, batch: int) -> List[int]:
+    """One id for all examples, or one each, as one per example."""
+    return ids.reshape(-1).expand(batch).tolist() if ids.numel() == 1 else ids.tolist()
 
 
 def describe(family, prepared, target, target_fn, hook_target):
