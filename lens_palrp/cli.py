@@ -242,12 +242,12 @@ def explain_command(args) -> int:
     pos = int(attr.target_position[0])
     print(f"{what} at position {pos} ({attr.str_tokens[0][pos]!r}) = {value:.4f}  [{attr.method}]")
     combined = attr.combined(args.aggregation)[0]
+    positional = attr.positional_per_position[0]
     order = combined.argsort(descending=True)[: args.top].tolist()
     print(f"most relevant (combined, {args.aggregation}):")
     for p in order:
-        positional = float(attr.positional_input[0, p] + attr.positional[0, :, :, p].sum())
         print(f"  {p:>4} {attr.str_tokens[0][p]!r:<16} combined {float(combined[p]):>10.4f}   "
-              f"semantic {float(attr.semantic[0, p]):>10.4f}   positional {positional:>10.4f}")
+              f"semantic {float(attr.semantic[0, p]):>10.4f}   positional {float(positional[p]):>10.4f}")
     print(c.format(0))
     attr.report(args.out, plotlyjs=args.plotlyjs)
     print(f"report: {args.out}")

@@ -60,7 +60,7 @@ def target_description(attr, index: int) -> str:
 def token_rows(attr, index: int, aggregation: str = "relu") -> List[Tuple[str, List[float]]]:
     """``[(row name, values over the real positions)]``: semantic, positional, combined."""
     positions = real_positions(attr, index)
-    positional = attr.positional_input[index] + attr.positional[index].sum((0, 1))
+    positional = attr.positional_per_position[index]
     combined = attr.combined(aggregation)[index]
     rows = [("semantic", attr.semantic[index]), ("positional", positional), (f"combined ({aggregation})", combined)]
     return [(name, [float(values[p]) for p in positions]) for name, values in rows]

@@ -308,6 +308,12 @@ class Attribution:
         """``[batch, layers, pos]``: attention-level positional relevance summed over heads."""
         return self.positional.sum(2)
 
+    @property
+    def positional_per_position(self) -> Tensor:
+        """``[batch, pos]``: each position's positional relevance, input level plus attention level
+        summed over layers and heads, signed (``combined("signed", "positional")``)."""
+        return self.positional_input + self.positional.sum((1, 2))
+
     def combined(
         self,
         aggregation: str = "relu",
@@ -346,7 +352,7 @@ class Attribution:
             if use_sem:
                 out = out + self.semantic
             if use_pos:
-                out = out + self.positional_input + self.positional.sum((1, 2))
+                out = out + self.positional_per_position
         if normalize is None:
             normalize = aggregation == "abs"
         if normalize:
@@ -451,7 +457,7 @@ class Attribution:
         if which == "semantic":
             scores = self.semantic[index]
         elif which == "positional":
-            scores = self.positional_input[index] + self.positional[index].sum((0, 1))
+            scores = self.positional_per_position[index]
         elif which == "combined":
             scores = self.combined()[index]
         else:
@@ -497,7 +503,7 @@ class Attribution:
             if aggregation != "signed":
                 self._require_reductions(f"to_frame('tokens', aggregation={aggregation!r})")
             b, p = self.attention_mask.cpu().nonzero(as_tuple=True)  # real positions, example-major
-            positional = (self.positional_input + self.positional.sum((1, 2))).cpu()
+            positional = self.positional_per_position.cpu()
             return pd.DataFrame({
                 "example": b.numpy(), "position": p.numpy(),
                 "token": [self.str_tokens[i][j] for i, j in zip(b.tolist(), p.tolist())],

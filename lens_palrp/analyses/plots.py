@@ -141,7 +141,7 @@ def token_rows_data(attr: Attribution, index: int = 0, aggregation: str = "relu"
     n = _n_real(attr, index)
     return {
         "semantic": attr.semantic[index, :n].detach().cpu(),
-        "positional": (attr.positional_input[index] + attr.positional[index].sum((0, 1)))[:n].detach().cpu(),
+        "positional": attr.positional_per_position[index, :n].detach().cpu(),
         f"combined ({aggregation})": attr.combined(aggregation)[index, :n].detach().cpu(),
     }
 
