@@ -363,11 +363,11 @@ def path_patching(model, clean, corrupted, metric: Callable[[Tensor], Tensor], e
     groups = _pairs(family, clean, corrupted, next(model.parameters()).device)
     n_pairs = sum(len(idx) for idx, _, _ in groups)
     effects = torch.zeros(n_pairs, len(edges), dtype=torch.float64)
+    hooks = sorted({s.hook for s in senders})
     with _split_inputs(model), torch.no_grad():
         for idx, clean_t, corr_t in groups:
             at = torch.tensor(idx)
             checked = _metric(metric, idx, len(groups))
-            hooks = sorted({s.hook for s in senders})
             _, clean_cache = model.run_with_cache(clean_t, names_filter=hooks)
             corr_logits, corr_cache = model.run_with_cache(corr_t, names_filter=hooks)
             baseline = checked(corr_logits).double().cpu()
