@@ -59,7 +59,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -144,14 +144,15 @@ def register_variants() -> None:
 # ------------------------------------------------------------------------------------ tasks
 @dataclass
 class Task:
-    """N prompt pairs of one model, their metric (``metric(k)``: for the first k pairs) and the
-    number of pairs each component type is patched on."""
+    """N prompt pairs of one model, their metric (per pair: the analyses hand it each row's pair
+    index, so the first k pairs use it as it is) and the number of pairs each component type is
+    patched on."""
 
     model_name: str
     name: str
     clean: object  # [n, pos] tensor or list of strings
     corrupted: object
-    metric: Callable[[int], Callable]
+    metric: ap.Metric
     scope: Dict[str, int]
     notes: List[str] = field(default_factory=list)
 
@@ -174,9 +175,7 @@ def zoo_task(name: str, n: int) -> Task:
     corrupted = clean.clone()
     corrupted[:, src] = (clean[:, src] - len(SPECIAL) + shift) % len(SYMBOLS) + len(SPECIAL)
 
-    def metric(k):
-        return ap.logit_difference(clean[:k, src], corrupted[:k, src], position=t)
-
+    metric = ap.logit_difference(clean[:, src], corrupted[:, src], position=t)
     return Task(name, f"{task.name} (answer at {t} read from {src})", clean, corrupted, metric,
                 {c: n for c in COMPONENTS})
 
@@ -230,9 +229,7 @@ def _gemma_task(model, name: str, clean, corrupted, answers, wrongs, scope, note
     answer_ids = [int(model.to_single_token(x)) for x in answers]
     wrong_ids = [int(model.to_single_token(x)) for x in wrongs]
 
-    def metric(k):
-        return ap.logit_difference(answer_ids[:k], wrong_ids[:k], position=-1)
-
+    metric = ap.logit_difference(answer_ids, wrong_ids, position=-1)
     return Task("gemma-3-270m", f"{name} ({lengths.pop()} tokens)", clean, corrupted, metric, scope, notes)
 
 
@@ -304,7 +301,7 @@ def minilm_task(model, n: int, positional_pairs: int) -> Task:
         return torch.nn.functional.cosine_similarity(mean_pool(hidden, m[:, 0]), mean_pool(hidden, m[:, 1]), dim=-1)
 
     task = Task("all-MiniLM-L6-v2", f"sentence similarity, word of B swapped ({T} tokens)", clean, corrupted,
-                lambda k: lp.at_hook(hook, cosine),
+                lp.at_hook(hook, cosine),
                 {"heads": n, "mlp": n, "resid": min(n, positional_pairs), "head_pos": min(n, positional_pairs)},
                 ["an encoder: the metric is an lp.at_hook target on the final hidden state"])
     return task
@@ -349,6 +346,14 @@ def _agreement_rows(comparison) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------------ running
+def _head_splits(comparison) -> List[dict]:
+    """``head_split`` of every method of a comparison that scored the heads."""
+    if "heads" not in comparison.components:
+        return []
+    return [{"method": m, **head_split(comparison.patching.effects["heads"], comparison.scores[m]["heads"])}
+            for m in comparison.methods]
+
+
 def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str], batch_size: int,
              progress: bool) -> dict:
     """Patching, estimates, agreement, timings (and the ablation) for one task, grouped by the number
@@ -363,7 +368,7 @@ def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str],
               "notes": task.notes + [f"{c}: not in this model" for c in skipped], "groups": [],
               "agreement": [], "ablation": [], "head_split": []}
     for k, comps in sorted(by_pairs.items(), reverse=True):
-        metric = task.metric(k)
+        metric = task.metric
         clean, corrupted = task.clean[:k], task.corrupted[:k]
         t0 = time.perf_counter()
         patched = ap.activation_patching(model, clean, corrupted, metric, components=comps,
@@ -378,18 +383,12 @@ def run_task(model, task: Task, methods: Sequence[str], ablation: Sequence[str],
                                  "clean_metric": float(patched.clean_metric.mean()),
                                  "corrupted_metric": float(patched.corrupted_metric.mean())})
         record["agreement"] += _agreement_rows(comparison)
-        if "heads" in comps:
-            for m in methods:
-                record["head_split"].append({"method": m, **head_split(patched.effects["heads"],
-                                                                       comparison.scores[m]["heads"])})
+        record["head_split"] += _head_splits(comparison)
         if ablation:
             abl = ap.relevance_patching(model, clean, corrupted, metric, methods=list(ablation), patching=patched,
                                         components=comps)
             record["ablation"] += _agreement_rows(abl)
-            if "heads" in comps:
-                for m in ablation:
-                    record["head_split"].append({"method": m, **head_split(patched.effects["heads"],
-                                                                           abl.scores[m]["heads"])})
+            record["head_split"] += _head_splits(abl)
     return record
 
 
