@@ -61,12 +61,15 @@ def float64_attention(monkeypatch):
     def gptj_attn(self, query, key, value, attention_mask=None):
         return _plain_attention(query, key, value, attention_mask, 1.0 / self.scale_attn)
 
-    def opt_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         out, weights = _plain_attention(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), weights
 
-    monkeypatch.setattr(modeling_gptj.GPTJAttention, "_attn", gptj_attn)
-    monkeypatch.setattr(modeling_opt, "eager_attention_forward", opt_attention)
+    if hasattr(modeling_gptj.GPTJAttention, "_attn"):  # transformers before 5.24
+        monkeypatch.setattr(modeling_gptj.GPTJAttention, "_attn", gptj_attn)
+    else:  # 5.24 and later: one eager_attention_forward per model module, as OPT's
+        monkeypatch.setattr(modeling_gptj, "eager_attention_forward", eager_attention)
+    monkeypatch.setattr(modeling_opt, "eager_attention_forward", eager_attention)
     # the bridge's own eager attention (OLMo's PositionEmbeddingsAttentionBridge, as Llama's) asks
     # torch for a float32 softmax: keep a float64 input in float64
     softmax = torch.nn.functional.softmax
@@ -368,3 +371,24 @@ def test_rope_inside_another_attention_is_refused_before_any_map(bridges, monkey
     monkeypatch.setattr(bridge_positions, "rotation_inside_attention", lambda family: False)
     with pytest.raises(NotImplementedError, match="'gptj'.*inside Hugging Face's GPTJAttention"):
         explain(bridges["gptj"][False], "pa_lrp")
+
+
+def test_gptj_tables_are_read_from_either_form_of_the_attention_call():
+    """transformers 5.24 and later hand GPTJAttention ``position_embeddings=(sin, cos)``; earlier
+    releases ``position_ids`` into the module's ``embed_positions`` table (sin | cos). Both forms
+    give the same rows (a swapped sin / cos or a wrong split would not); a call with neither is
+    refused naming the transformers release instead of failing on a missing attribute."""
+    from types import SimpleNamespace
+
+    from lens_palrp.hooks.bridge_positions import _gptj_sin_cos
+
+    positions = torch.tensor([[0, 1, 2, 5], [3, 3, 4, 7]])
+    angles = torch.arange(8.0)[:, None] * torch.tensor([1.0, 0.1, 0.01])
+    table = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [max positions, rotary_dim]: sin | cos
+    old = _gptj_sin_cos(SimpleNamespace(embed_positions=table), {"position_ids": positions}, 0)
+    new = _gptj_sin_cos(SimpleNamespace(), {"position_embeddings": (angles.sin()[positions], angles.cos()[positions]),
+                                            "position_ids": positions}, 0)
+    for got, want in zip(old, new):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same rows gathered: exact
+    with pytest.raises(NotImplementedError, match=r"GPT-J layer 2: this transformers release \(.+\) calls"):
+        _gptj_sin_cos(SimpleNamespace(), {}, 2)

@@ -7,7 +7,8 @@ from what the generic bridge adapter assumes.
   the bridge config says ``rotary_adjacent_pairs=False`` although GPT-J rotates adjacent pairs
   (``rotate_every_two``). The attention is rebuilt at ``hook_z`` (``RebuildRotatedAttention``)
   from the in-path projections, rotated here with GPT-J's own sinusoid table at the position ids
-  the model was called with; the rotated q and k pass the sweep's ``ROT_Q`` / ``ROT_K`` sites (the
+  the model was called with (read from the attention's call, whichever form the transformers
+  release passes them in); the rotated q and k pass the sweep's ``ROT_Q`` / ``ROT_K`` sites (the
   PA-LRP split and the RoPE sink) and the tables its ``ROPE_COS`` / ``ROPE_SIN`` sites. The rebuilt
   z is checked against the model's, as for every rebuild. Parallel attention and MLP (one
   ``ln1``) need nothing of their own: both read the same normalized stream.
@@ -59,7 +60,7 @@ def attention_float32_reason(family) -> Optional[str]:
     kind = model_type(family)
     config = getattr(getattr(family.model, "original_model", None), "config", None)
     if kind == "gptj" and rotation_inside_attention(family):
-        return "GPTJAttention._attn casts q and k to float32 for the scores"
+        return "GPT-J's eager attention casts q and k to float32 for the scores"
     if kind == "opt" and getattr(config, "_attn_implementation", None) == "eager":
         return "OPT's eager_attention_forward takes the softmax in float32"
     return None
@@ -141,8 +142,8 @@ class ParameterFreeNorms(Canonizer):
 class RebuildRotatedAttention(RebuildAttention):
     """The attention rebuilt at ``hook_z`` with GPT-J's rotation in the rebuilt graph: the in-path
     projections (``attn.q`` / ``attn.k`` outputs, taken by module forward hooks) are rotated with
-    the sinusoid table rows of the position ids the model's attention was called with, exactly
-    as ``GPTJAttention`` does (first ``rotary_dim`` channels, adjacent pairs), and the rotated q and
+    the sin / cos rows the model's attention was called with (``_gptj_sin_cos``), exactly as
+    ``GPTJAttention`` does (first ``rotary_dim`` channels, adjacent pairs), and the rotated q and
     k pass the sweep's ``ROT_Q`` / ``ROT_K`` sites, the tables its ``ROPE_COS`` / ``ROPE_SIN``."""
 
     unrotated = True
@@ -153,7 +154,7 @@ class RebuildRotatedAttention(RebuildAttention):
         self._handles = []
         for layer in range(family.n_layers):
             attn = family.model.blocks[layer].attn
-            self._handles.append(attn.register_forward_pre_hook(self._positions_of(layer), with_kwargs=True))
+            self._handles.append(attn.register_forward_pre_hook(self._tables_of(layer), with_kwargs=True))
             for part in ("q", "k"):
                 self._handles.append(getattr(attn, part).register_forward_hook(self._output_of(layer, part)))
 
@@ -163,12 +164,9 @@ class RebuildRotatedAttention(RebuildAttention):
         self._handles, self._seen = [], {}
         super().remove()
 
-    def _positions_of(self, layer: int):
+    def _tables_of(self, layer: int):
         def hook(module, args, kwargs):
-            positions = kwargs.get("position_ids")
-            if positions is None:
-                raise NotImplementedError(f"GPT-J layer {layer}: the attention was called without position ids")
-            self._seen[(layer, "positions")] = positions
+            self._seen[(layer, "tables")] = _gptj_sin_cos(_hf_attention(self.family, layer), kwargs, layer)
         return hook
 
     def _output_of(self, layer: int, part: str):
@@ -178,13 +176,11 @@ class RebuildRotatedAttention(RebuildAttention):
 
     def queries_keys(self, layer: int):
         fam, sweep = self.family, self.sweep
-        hf_attn = _hf_attention(fam, layer)
         q, k = self._seen.pop((layer, "q")), self._seen.pop((layer, "k"))
-        positions = self._seen.pop((layer, "positions"))
+        half_sin, half_cos = self._seen.pop((layer, "tables"))  # [batch, pos, rotary_dim / 2] each
         q, k = (t.reshape(*t.shape[:2], fam.n_heads, fam.d_head) for t in (q, k))
         rd = fam.rotary_dim
-        table = hf_attn.embed_positions.to(positions.device)[positions].to(k.dtype)  # [batch, pos, rd]: sin | cos
-        sin, cos = (t.repeat_interleave(2, dim=-1) for t in torch.split(table, table.shape[-1] // 2, dim=-1))
+        sin, cos = (t.to(k.dtype).repeat_interleave(2, dim=-1) for t in (half_sin, half_cos))
         prefix = f"blocks.{layer}.attn."
         sweep.run_site(prefix + "hook_cos", HookRole(Role.ROPE_COS, layer), cos, True)
         sweep.run_site(prefix + "hook_sin", HookRole(Role.ROPE_SIN, layer), sin, True)
@@ -196,3 +192,23 @@ class RebuildRotatedAttention(RebuildAttention):
         q = sweep.run_site(prefix + "hook_rot_q", HookRole(Role.ROT_Q, layer), rotate(q), True)
         k = sweep.run_site(prefix + "hook_rot_k", HookRole(Role.ROT_K, layer), rotate(k), True)
         return q, k
+
+
+def _gptj_sin_cos(hf_attn, kwargs, layer: int):
+    """The sin and cos rows ``[batch, pos, rotary_dim / 2]`` one ``GPTJAttention`` call rotates
+    with, read from the arguments of the call: transformers 5.24 and later pass them as
+    ``position_embeddings`` (computed once by the model's ``rotary_emb``); earlier releases pass
+    ``position_ids``, which index the attention's own ``embed_positions`` table (sin | cos)."""
+    tables = kwargs.get("position_embeddings")
+    if tables is not None:
+        return tables
+    positions, table = kwargs.get("position_ids"), getattr(hf_attn, "embed_positions", None)
+    if positions is None or table is None:
+        import transformers
+
+        raise NotImplementedError(
+            f"GPT-J layer {layer}: this transformers release ({transformers.__version__}) calls GPTJAttention "
+            "with neither position_embeddings nor position_ids and an embed_positions table, so lens_palrp "
+            "cannot read the rotation it applies")
+    sincos = table.to(positions.device)[positions]
+    return torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
