@@ -84,8 +84,8 @@ def _per_example_ids(specs, batch: int, family, what: str) -> Tensor:
     ids = []
     for i, spec in enumerate(specs):
         if isinstance(spec, (list, tuple, Tensor, np.ndarray)) and not isinstance(spec, str):
-            raise TypeError(f"{what} for prompt {i} must be a token id or a single-token string, "
-                            f"got {type(spec).__name__}")
+            raise TypeError(f"{what} for prompt {i}: got {given(spec)}; it must be a token id or a "
+                            "single-token string")
         ids.append(int(_as_ids(spec, 1, family, f"{what} for prompt {i}")[0]))
     return torch.tensor(ids, dtype=torch.long)
 
@@ -105,14 +105,14 @@ def _as_ids(spec, batch: int, family, what: str) -> Tensor:
         if unk is not None and spec == unk and text.strip() != str(tokenizer.unk_token):
             raise ValueError(f"{what} {text!r} is not in the vocabulary (it maps to the unknown token)")
     if isinstance(spec, bool):
-        raise TypeError(f"{what} must be a token id, got a bool")
+        raise TypeError(f"{what}: got {given(spec)}; a bool is not a token id")
     if isinstance(spec, np.ndarray):
         spec = torch.from_numpy(spec)
     if isinstance(spec, numbers.Integral):  # int, numpy integers
         ids = torch.full((batch,), int(spec), dtype=torch.long)
     elif isinstance(spec, Tensor):
         if spec.dtype.is_floating_point or spec.dtype == torch.bool:
-            raise TypeError(f"{what} ids must be an integer tensor, got {spec.dtype}")
+            raise TypeError(f"{what}: got a {spec.dtype} tensor; ids must be an integer tensor")
         ids = spec.reshape(-1).long().cpu()
         if ids.numel() == 1:
             ids = ids.expand(batch).clone()
@@ -120,8 +120,8 @@ def _as_ids(spec, batch: int, family, what: str) -> Tensor:
             raise ValueError(f"{what} has {ids.numel()} ids for a batch of {batch}")
     else:
         raise TypeError(
-            f"{what} must be an int, a single-token string, a list with one per prompt or a [batch] tensor of ids, "
-            f"got {type(spec).__name__}"
+            f"{what}: got {given(spec)}; it must be an int, a single-token string, a list with one per prompt "
+            "or a [batch] tensor of ids"
         )
     vocab = family.d_vocab_out
     bad = (ids < 0) | (ids >= vocab)
@@ -174,7 +174,8 @@ def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family, pa
         target = _pairs_per_example(target)
     if isinstance(target, tuple):
         if len(target) != 2:
-            raise ValueError("a logit-difference target is a pair (correct_id, wrong_id)")
+            raise ValueError(f"target: got a tuple of {len(target)} ({given(target)}); a logit-difference "
+                             "target is a pair (correct_id, wrong_id)")
         correct = _as_ids(target[0], batch, family, "correct target")
         wrong = _as_ids(target[1], batch, family, "wrong target")
         return LogitTarget(correct, wrong, positions), None
@@ -191,7 +192,16 @@ def resolve_target(target: TargetSpec, batch: int, positions: Tensor, family, pa
             )
         return with_positions(target, positions), None
     raise TypeError(
-        "target must be a token id, a [batch] tensor of ids, one id or string per prompt (a list), a pair "
-        "(correct, wrong) or one pair per prompt, "
-        f"a callable metric(logits) -> [batch], or lp.at_hook(...); got {type(target).__name__}"
+        f"target: got {given(target)}; a target is a token id, a [batch] tensor of ids, one id or string per "
+        "prompt (a list), a pair (correct, wrong) or one pair per prompt, a callable metric(logits) -> [batch], "
+        "or lp.at_hook(...)"
     )
+
+
+def given(value) -> str:
+    """What the caller passed, type and value, for the first words of an error message."""
+    if value is None:
+        return "None"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{type(value).__name__} {text}"
