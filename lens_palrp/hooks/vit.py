@@ -549,7 +549,9 @@ class ViTFamily(ModelFamily):
         if not hasattr(self.model, "W_patch"):  # duck-typed models: their patch weights are unknown
             return None
         cfg, p = self.cfg, self.cfg.patch_size
-        weight = self.model.W_patch.reshape(cfg.d_model, -1)
-        r = rules.linear_gamma_relevance(patchify(images, p), weight, self.model.b_patch, patch_relevance, gamma=gamma)
+        dtype = patch_relevance.dtype  # the records' dtype: float32 for a float16 / bfloat16 model, as every map
+        weight = self.model.W_patch.reshape(cfg.d_model, -1).to(dtype)
+        bias = None if self.model.b_patch is None else self.model.b_patch.to(dtype)
+        r = rules.linear_gamma_relevance(patchify(images, p).to(dtype), weight, bias, patch_relevance, gamma=gamma)
         pixels = F.fold(r.transpose(1, 2), output_size=(cfg.image_size, cfg.image_size), kernel_size=p, stride=p)
         return pixels.sum(1)
