@@ -17,7 +17,7 @@ import torch
 
 import lens_palrp as lp
 from bridges import boot, save_with_tokenizer, tiny_bloom
-from padding import ROWS, assert_rows_equal_single_runs, pad
+from padding import ROWS, assert_rows_equal_single_runs, pad, tolerance
 from lens_palrp.hooks import family_for
 from lens_palrp.roles import Role
 
@@ -271,10 +271,12 @@ def test_padded_batch_equals_single_runs(bloom, side):
     tokens, mask = pad(ROWS, side)
     for method in ("pa_lrp", "attn_lrp"):
         attr = lp.explain(bridge, tokens, (5, 7), attention_mask=mask, method=method)
-        assert_rows_equal_single_runs(bridge, ROWS, attr, (5, 7), method)
+        # BLOOM's scores and softmax run in float32: batch and single run agree to its rounding
+        assert_rows_equal_single_runs(bridge, ROWS, attr, (5, 7), method, meets_in=torch.float32)
         for i, row in enumerate(ROWS):  # attn_lrp's ALiBi leak, row by row
             leak = lp.explain(bridge, row[None], (5, 7), method=method).conservation().positional_leak[0]
-            torch.testing.assert_close(attr.conservation().positional_leak[i], leak, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(attr.conservation().positional_leak[i], leak,
+                                       **tolerance(attr, torch.float32, attr.target_value[i].abs()))
     inferred = lp.explain(bridge, tokens, (5, 7))  # the pad id 1 is recognised without the mask
     assert inferred.attention_mask.tolist() == attr.attention_mask.tolist()
 

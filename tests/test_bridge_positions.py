@@ -147,7 +147,9 @@ def test_gradient_x_input_equals_hugging_face_autograd(name, biases, bridges):
     OPT) and norms (OLMo) stays below 1e-6."""
     attr = explain(bridges[name][biases], "grad_x_input", record=RECORD[name])
     ref = autograd_reference(name, biases)
-    assert rel(attr.target_value, ref["target"]) < 1e-7
+    # the rebuilt attention is float64, Hugging Face's GPT-J scores float32: the logit agrees to
+    # float32 rounding (about 1 eps observed), bounded at 4 eps
+    assert rel(attr.target_value, ref["target"]) < 4 * torch.finfo(torch.float32).eps
     assert rel(attr.semantic, ref["semantic"]) < 1e-6
     assert rel(attr.heads, ref["heads"]) < 1e-6
     if name == "opt":  # grad_x_input reports the table's relevance as a leak, not in the map

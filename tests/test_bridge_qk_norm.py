@@ -124,7 +124,9 @@ def test_bias_free_conserves(arch, method, float64_softmax):
 def test_as_shipped_the_float32_softmax_is_the_floor(arch):
     _, _, bridge = arch
     c = lp.explain(bridge, TOKENS, TARGET, method="pa_lrp").conservation()
-    assert abs(float(c.other_absorbed[0] / c.target_value[0])) < 1e-6
+    # the gap is the float32 softmax's rounding (OLMo-2: 1.15e-6 of the logit, 10 float32 eps,
+    # under AVX2; under 1e-6 under AVX-512): bounded at 64 eps; a wrong rule leaves far more
+    assert abs(float(c.other_absorbed[0] / c.target_value[0])) < 64 * torch.finfo(torch.float32).eps
 
 
 
