@@ -324,7 +324,8 @@ def hooks_and_swaps(model):
 @pytest.mark.parametrize("name", NAMES)
 def test_padded_rows_equal_single_runs(name, bridges):
     """GPT-J's rotation at the position ids the model was called with, OPT's offset table rows and
-    OLMo's norms: a left-padded batch gives each row's single run."""
+    OLMo's norms: a left-padded batch gives each row's single run (to float32 rounding where
+    Hugging Face computes part of the attention in float32: GPT-J's scores, OPT's softmax)."""
     from padding import assert_rows_equal_single_runs, pad
 
     rows = [torch.tensor([3, 5, 7, 2, 9, 4]), torch.tensor([6, 8, 3])]
@@ -332,7 +333,8 @@ def test_padded_rows_equal_single_runs(name, bridges):
     attr = explain(bridges[name][False], "pa_lrp", tokens=tokens, attention_mask=mask)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert_rows_equal_single_runs(bridges[name][False], rows, attr, TARGET, "pa_lrp")
+        assert_rows_equal_single_runs(bridges[name][False], rows, attr, TARGET, "pa_lrp",
+                                      meets_in=torch.float32 if name in ("gptj", "opt") else None)
 
 
 def test_gptj_rope_tables_split_the_sink_in_its_own_layout(bridges, monkeypatch):

@@ -83,7 +83,12 @@ def test_hooked_transformer_and_bridge_give_the_same_logits(name, dtype):
     assert a.dtype == b.dtype == dtype
     exact = name == "learned-absolute" and dtype == torch.float64
     torch.testing.assert_close(a, b, rtol=0, atol=1e-10 if exact else 5e-5)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # the predictions agree wherever the top two logits are further apart than that rounding
+    # (a near-tie could flip on another CPU's kernels); the trained models leave few such places
+    top2 = a.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2e-4
+    assert float(clear.double().mean()) > 0.9
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
     assert hooked.to_tokens("a b").tolist() == bridge.to_tokens("a b").tolist() == [[0, 2, 3]]
 
 
