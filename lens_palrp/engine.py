@@ -34,6 +34,7 @@ from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_input_relevance, softmax_output_relevance
 from lens_palrp.safety import model_left_unchanged
+from lens_palrp.user_hooks import forward_hooked, refuse_backward_hooks
 from lens_palrp.labels import describe
 from lens_palrp.targets import HookTarget, LogitTarget, TargetSpec, resolve_target
 
@@ -80,7 +81,7 @@ class Sweep:
         self.softmax_absorbed = z(batch, L)
         self.router_absorbed = z(batch, L)  # mixture-of-experts routers' softmax (lens_palrp.hooks.bridge_moe)
         self.leaves: Dict[Role, Tensor] = {}
-        self.scores_materialized = True  # False once FusedAttention runs attention without them
+        self.scores_materialized = True  # False once FusedAttention runs every layer without them
         self.replaying = False  # a block's forward runs once more (CheckpointBlocks)
         self.records: Dict[str, Tensor] = {}
         self.gradients: Dict[str, Tensor] = {}
@@ -522,14 +523,15 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
                   record_gradients)
     sweep.checking_path = off_path is not None
     named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
-    computation = _computation(family, m, attention, checkpoint, named, sweep.roles)
+    refuse_backward_hooks(family)
+    computation = _computation(family, m, attention, checkpoint, named, sweep.roles, forward_hooked(family))
     canonizers = list(family.canonizers())
     if _unembed_explained_positions(family, target_fn, named):
         canonizers.append(LogitsAtPositions(target_fn.positions))
         target_fn = target_fn.at_first_position()
         computation["logits"] = "explained positions"
-    if computation["attention"] == "fused":
-        canonizers.append(FusedAttention())
+    if computation["attention"] != "eager":
+        canonizers.append(FusedAttention(computation["eager_layers"]))
     if checkpoint:
         canonizers.append(CheckpointBlocks())
     with model_left_unchanged(model), canonized(canonizers, family, sweep):
@@ -621,21 +623,33 @@ def _unembed_explained_positions(family, target_fn, named) -> bool:
 
 
 def _computation(family, method: Method, attention: str, checkpoint: bool, named,
-                 roles: Dict[str, HookRole]) -> Dict[str, object]:
-    """How the sweep runs: ``{"attention": "fused" | "eager", "eager_reason": why eager (None
-    when fused), "checkpoint": bool, "logits": "all positions"}`` (``"explained positions"`` once
-    ``LogitsAtPositions`` is chosen); ``attention="fused"`` that cannot be is a ValueError."""
+                 roles: Dict[str, HookRole], hooked: Sequence[str] = ()) -> Dict[str, object]:
+    """How the sweep runs: ``{"attention": "fused" | "eager" | "mixed", "eager_reason": why eager
+    (None when fused), "eager_layers": the layers whose attention runs eagerly, "checkpoint":
+    bool, "logits": "all positions"}`` (``"explained positions"`` once ``LogitsAtPositions`` is
+    chosen). A hook the caller left at a point fused attention skips (``hooked``) keeps that
+    layer eager, the others fused (``"mixed"``); ``attention="fused"`` that cannot be is a
+    ValueError."""
+    everything = list(range(family.n_layers))
     if attention == "eager":
         reason: Optional[str] = "attention='eager' was asked for"
+        eager = everything
     else:
         # a name is compared by its hook point: an alias of a bridge's hook_pattern is the pattern too
         points = family.hook_points()
-        formed = {id(points.get(n, n)) for n, hr in roles.items() if hr.role in MATERIALIZED_ROLES}
+        formed = {id(points.get(n, n)): hr.layer for n, hr in roles.items() if hr.role in MATERIALIZED_ROLES}
         materialized = {n for n in named if id(points.get(n, n)) in formed}
         reason = fused_attention_refusal(family, method, encoding_for(family.pe_type), materialized)
+        eager = everything if reason else []
+        skipped = {n: formed[id(points[n])] for n in hooked if id(points.get(n, n)) in formed}
+        if reason is None and skipped:
+            eager = sorted(set(skipped.values()))
+            reason = (f"a hook the caller added at {', '.join(sorted(skipped))} runs only in eager attention "
+                      f"(eager in layer{'s' if len(eager) > 1 else ''} {', '.join(map(str, eager))})")
         if reason is not None and attention == "fused":
             raise ValueError(f"attention='fused' is not possible here: {reason}. Use attention='auto' or 'eager'")
-    return {"attention": "eager" if reason else "fused", "eager_reason": reason, "checkpoint": checkpoint,
+    mode = "fused" if not eager else "eager" if eager == everything else "mixed"
+    return {"attention": mode, "eager_reason": reason, "eager_layers": eager, "checkpoint": checkpoint,
             "logits": "all positions"}
 
 
