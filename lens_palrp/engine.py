@@ -435,17 +435,23 @@ def explain(
             eager otherwise; ``"eager"``: always eager (to record ``hook_pattern`` or
             ``hook_attn_scores``, say); ``"fused"``: fused, or a ``ValueError`` saying why not.
             ``attr.computation`` says which ran, and why eager. The maps agree either way.
+            A layer whose ``hook_attn_scores`` or ``hook_pattern`` carries a hook of the caller's
+            runs eagerly under ``"auto"`` (``"mixed"``, ``attr.computation["eager_layers"]``);
+            ``"fused"`` then refuses.
         checkpoint: recompute each block's forward during the sweep, as gradient checkpointing
             does (``lens_palrp.canonizers.CheckpointBlocks``): with fused attention, the memory
             above the weights is about one block's activations plus the residual stream entering
-            each block, at the cost of a second forward. The maps are unchanged.
+            each block, at the cost of a second forward. The maps are unchanged. Hooks the
+            caller left on the model run a second time while a block is recomputed.
         **options: options of the model's family. ``HookedViT``: ``patch_rule``, the rule that
             takes the patch embeddings' relevance to pixels (``attr.pixels``): ``"gamma"``
             (default, as the paper's vision setup) or ``"epsilon"``; ``gamma``, its parameter
             (>= 0, default 0.25). The patch-level maps do not depend on them.
 
+    Hooks the caller left on the model (forward hooks and pre-hooks on hook points) are part
+    of the explained computation; the sweep's own run after them. Backward hooks are refused.
     The sweep runs in eval mode (dropout off). The model is left exactly as it was: hooks
-    removed, ``requires_grad``, gradients, every module's training flag and the config restored,
+    removed (the caller's kept), ``requires_grad``, gradients, every module's training flag and the config restored,
     whether ``explain`` returns or raises. Calls on one model from several threads run one after
     the other.
     """
