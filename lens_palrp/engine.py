@@ -531,13 +531,14 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
     refuse_backward_hooks(family)
     computation = _computation(family, m, attention, checkpoint, named, sweep.roles, forward_hooked(family))
+    eager_layers: List[int] = computation["eager_layers"]  # type: ignore[assignment]
     canonizers = list(family.canonizers())
     if _unembed_explained_positions(family, target_fn, named):
         canonizers.append(LogitsAtPositions(target_fn.positions))
         target_fn = target_fn.at_first_position()
         computation["logits"] = "explained positions"
     if computation["attention"] != "eager":
-        canonizers.append(FusedAttention(computation["eager_layers"]))
+        canonizers.append(FusedAttention(eager_layers))
     if checkpoint:
         canonizers.append(CheckpointBlocks())
     with model_left_unchanged(model), canonized(canonizers, family, sweep):
@@ -643,7 +644,7 @@ def _computation(family, method: Method, attention: str, checkpoint: bool, named
     else:
         # a name is compared by its hook point: an alias of a bridge's hook_pattern is the pattern too
         points = family.hook_points()
-        formed = {id(points.get(n, n)): hr.layer for n, hr in roles.items() if hr.role in MATERIALIZED_ROLES}
+        formed = {id(points.get(n, n)): hr.layer or 0 for n, hr in roles.items() if hr.role in MATERIALIZED_ROLES}
         materialized = {n for n in named if id(points.get(n, n)) in formed}
         reason = fused_attention_refusal(family, method, encoding_for(family.pe_type), materialized)
         eager = everything if reason else []
