@@ -34,6 +34,7 @@ from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_input_relevance, softmax_output_relevance
 from lens_palrp.safety import model_left_unchanged
+from lens_palrp.user_hooks import forward_hooked, refuse_backward_hooks
 from lens_palrp.labels import describe
 from lens_palrp.targets import HookTarget, LogitTarget, TargetSpec, resolve_target
 
@@ -80,7 +81,7 @@ class Sweep:
         self.softmax_absorbed = z(batch, L)
         self.router_absorbed = z(batch, L)  # mixture-of-experts routers' softmax (lens_palrp.hooks.bridge_moe)
         self.leaves: Dict[Role, Tensor] = {}
-        self.scores_materialized = True  # False once FusedAttention runs attention without them
+        self.scores_materialized = True  # False once FusedAttention runs every layer without them
         self.replaying = False  # a block's forward runs once more (CheckpointBlocks)
         self.records: Dict[str, Tensor] = {}
         self.gradients: Dict[str, Tensor] = {}
@@ -434,17 +435,23 @@ def explain(
             eager otherwise; ``"eager"``: always eager (to record ``hook_pattern`` or
             ``hook_attn_scores``, say); ``"fused"``: fused, or a ``ValueError`` saying why not.
             ``attr.computation`` says which ran, and why eager. The maps agree either way.
+            A layer whose ``hook_attn_scores`` or ``hook_pattern`` carries a hook of the caller's
+            runs eagerly under ``"auto"`` (``"mixed"``, ``attr.computation["eager_layers"]``);
+            ``"fused"`` then refuses.
         checkpoint: recompute each block's forward during the sweep, as gradient checkpointing
             does (``lens_palrp.canonizers.CheckpointBlocks``): with fused attention, the memory
             above the weights is about one block's activations plus the residual stream entering
-            each block, at the cost of a second forward. The maps are unchanged.
+            each block, at the cost of a second forward. The maps are unchanged. Hooks the
+            caller left on the model run a second time while a block is recomputed.
         **options: options of the model's family. ``HookedViT``: ``patch_rule``, the rule that
             takes the patch embeddings' relevance to pixels (``attr.pixels``): ``"gamma"``
             (default, as the paper's vision setup) or ``"epsilon"``; ``gamma``, its parameter
             (>= 0, default 0.25). The patch-level maps do not depend on them.
 
+    Hooks the caller left on the model (forward hooks and pre-hooks on hook points) are part
+    of the explained computation; the sweep's own run after them. Backward hooks are refused.
     The sweep runs in eval mode (dropout off). The model is left exactly as it was: hooks
-    removed, ``requires_grad``, gradients, every module's training flag and the config restored,
+    removed (the caller's kept), ``requires_grad``, gradients, every module's training flag and the config restored,
     whether ``explain`` returns or raises. Calls on one model from several threads run one after
     the other.
     """
@@ -522,14 +529,16 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
                   record_gradients)
     sweep.checking_path = off_path is not None
     named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
-    computation = _computation(family, m, attention, checkpoint, named, sweep.roles)
+    refuse_backward_hooks(family)
+    computation = _computation(family, m, attention, checkpoint, named, sweep.roles, forward_hooked(family))
+    eager_layers: List[int] = computation["eager_layers"]  # type: ignore[assignment]
     canonizers = list(family.canonizers())
     if _unembed_explained_positions(family, target_fn, named):
         canonizers.append(LogitsAtPositions(target_fn.positions))
         target_fn = target_fn.at_first_position()
         computation["logits"] = "explained positions"
-    if computation["attention"] == "fused":
-        canonizers.append(FusedAttention())
+    if computation["attention"] != "eager":
+        canonizers.append(FusedAttention(eager_layers))
     if checkpoint:
         canonizers.append(CheckpointBlocks())
     with model_left_unchanged(model), canonized(canonizers, family, sweep):
@@ -621,21 +630,33 @@ def _unembed_explained_positions(family, target_fn, named) -> bool:
 
 
 def _computation(family, method: Method, attention: str, checkpoint: bool, named,
-                 roles: Dict[str, HookRole]) -> Dict[str, object]:
-    """How the sweep runs: ``{"attention": "fused" | "eager", "eager_reason": why eager (None
-    when fused), "checkpoint": bool, "logits": "all positions"}`` (``"explained positions"`` once
-    ``LogitsAtPositions`` is chosen); ``attention="fused"`` that cannot be is a ValueError."""
+                 roles: Dict[str, HookRole], hooked: Sequence[str] = ()) -> Dict[str, object]:
+    """How the sweep runs: ``{"attention": "fused" | "eager" | "mixed", "eager_reason": why eager
+    (None when fused), "eager_layers": the layers whose attention runs eagerly, "checkpoint":
+    bool, "logits": "all positions"}`` (``"explained positions"`` once ``LogitsAtPositions`` is
+    chosen). A hook the caller left at a point fused attention skips (``hooked``) keeps that
+    layer eager, the others fused (``"mixed"``); ``attention="fused"`` that cannot be is a
+    ValueError."""
+    everything = list(range(family.n_layers))
     if attention == "eager":
         reason: Optional[str] = "attention='eager' was asked for"
+        eager = everything
     else:
         # a name is compared by its hook point: an alias of a bridge's hook_pattern is the pattern too
         points = family.hook_points()
-        formed = {id(points.get(n, n)) for n, hr in roles.items() if hr.role in MATERIALIZED_ROLES}
+        formed = {id(points.get(n, n)): hr.layer or 0 for n, hr in roles.items() if hr.role in MATERIALIZED_ROLES}
         materialized = {n for n in named if id(points.get(n, n)) in formed}
         reason = fused_attention_refusal(family, method, encoding_for(family.pe_type), materialized)
+        eager = everything if reason else []
+        skipped = {n: formed[id(points[n])] for n in hooked if id(points.get(n, n)) in formed}
+        if reason is None and skipped:
+            eager = sorted(set(skipped.values()))
+            reason = (f"a hook the caller added at {', '.join(sorted(skipped))} runs only in eager attention "
+                      f"(eager in layer{'s' if len(eager) > 1 else ''} {', '.join(map(str, eager))})")
         if reason is not None and attention == "fused":
             raise ValueError(f"attention='fused' is not possible here: {reason}. Use attention='auto' or 'eager'")
-    return {"attention": "eager" if reason else "fused", "eager_reason": reason, "checkpoint": checkpoint,
+    mode = "fused" if not eager else "eager" if eager == everything else "mixed"
+    return {"attention": mode, "eager_reason": reason, "eager_layers": eager, "checkpoint": checkpoint,
             "logits": "all positions"}
 
 

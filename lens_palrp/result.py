@@ -279,7 +279,8 @@ class Attribution:
     # for reports: each prompt as the tokenizer decodes it, and what was explained, in words
     prompt_text: Optional[List[str]] = _spec(VALUE, "batch", default=None)
     target_label: Optional[List[str]] = _spec(VALUE, "batch", default=None)
-    # how the sweep ran: {"attention": "fused" | "eager", "eager_reason": str | None, "checkpoint": bool}
+    # how the sweep ran: {"attention": "fused" | "eager" | "mixed", "eager_reason": str | None,
+    # "eager_layers": [int], "checkpoint": bool, "logits": str}
     computation: Optional[Dict[str, object]] = _spec(VALUE, default=None)
     metadata: Dict[str, object] = _spec(FILE, default_factory=dict)  # versions etc. of a loaded file
     # vision transformers: pixel relevance [batch, H, W] (patch rule on the patch embedding) and

@@ -41,7 +41,7 @@ def test_maps_agree_with_eager_attention(config, method, variant, device):
     assert other.computation["attention"] == ("eager" if variant.startswith("eager") else "fused")
     assert other.computation["checkpoint"] == variant.endswith("checkpoint")
     assert eager.computation == {"attention": "eager", "eager_reason": "attention='eager' was asked for",
-                                 "checkpoint": False, "logits": "explained positions"}
+                                 "eager_layers": [0, 1], "checkpoint": False, "logits": "explained positions"}
     assert_same_maps(other, eager)
 
 

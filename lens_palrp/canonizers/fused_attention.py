@@ -37,7 +37,7 @@ and from ``hook_z`` on, the kernel between); ``remove`` deletes the instance att
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,23 +79,30 @@ def fused_attention_refusal(family, method, encoding_cls, materialized_names) ->
 
 
 class FusedAttention(Canonizer):
-    """Every attention module of the model runs its fused forward during the sweep."""
+    """Every attention module of the model runs its fused forward during the sweep, except those
+    of ``eager_layers`` (a layer whose scores or pattern carry a hook of the caller's): they keep
+    their own forward, their score and pattern rules and their softmax observers, and each
+    layer's records are the same either way, so the layers mix."""
 
-    def __init__(self):
+    def __init__(self, eager_layers: Sequence[int] = ()):
         self._forwards = ForwardSwap()
         self._settings = ExitStack()
+        self.eager_layers = frozenset(eager_layers)
 
     def register(self, family, sweep) -> None:
         self.family, self.sweep = family, sweep
         self.pattern_factor, _ = attention_gradient_factor(sweep.method, family)
         self.score_factor = sweep.method.rule(Role.SCORES).gradient_factor(family)
-        for name in [n for n, hr in sweep.roles.items() if hr.role in MATERIALIZED_ROLES]:
+        fused = [layer for layer in range(family.n_layers) if layer not in self.eager_layers]
+        for name in [n for n, hr in sweep.roles.items() if hr.role in MATERIALIZED_ROLES and hr.layer in fused]:
             del sweep.roles[name]
-        sweep.scores_materialized = False
-        masks = getattr(family, "fused_attention_masks", None)  # a family's mask setting, restored in remove
-        if masks is not None:
+        sweep.scores_materialized = bool(self.eager_layers)  # some layer still forms them
+        # a family's mask setting for its fused forward, restored in remove; not where eager layers
+        # remain (they read the mask the model builds for its own attention)
+        masks = getattr(family, "fused_attention_masks", None)
+        if masks is not None and not self.eager_layers:
             self._settings.enter_context(masks())
-        for layer in range(family.n_layers):
+        for layer in fused:
             self._forwards.replace(family.attention_module(layer), family.fused_attention_forward(layer, self.kernel))
 
     def remove(self) -> None:

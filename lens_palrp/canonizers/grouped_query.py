@@ -4,6 +4,8 @@ HookedTransformer can compute grouped-query attention with the shared key and va
 repeated per query head (``set_ungroup_grouped_query_attention``), the same numbers with one key
 per query head, so the RoPE key sink is per query head without further work. Recorded key and
 value relevance is folded back (the copies of one kv head summed) to the model's own layout.
+A hook the caller left at one of those points would see the copies, not the model's kv heads,
+and compute something else than in the model's own forward: refused, naming it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lens_palrp.canonizers.base import Canonizer
+from lens_palrp.user_hooks import forward_hooked
 
 _GROUPED_HOOKS = ("hook_k", "hook_v", "hook_rot_k")
 
@@ -22,6 +25,13 @@ class UngroupKeyValueHeads(Canonizer):
         self._n_kv_heads = None
 
     def register(self, family, sweep) -> None:
+        hooked = [name for name in forward_hooked(family) if name.endswith(_GROUPED_HOOKS)]
+        if hooked:
+            raise NotImplementedError(
+                f"the hooks the caller added at {', '.join(hooked)} cannot be explained on this grouped-query "
+                "model: the sweep ungroups its kv heads, so they would see one copy per query head instead of "
+                "the model's kv heads; hook the query side, hook_z or the block instead"
+            )
         self._model, self._n_kv_heads = family.model, family.n_kv_heads
         self._previous = family.model.cfg.ungroup_grouped_query_attention
         family.model.set_ungroup_grouped_query_attention(True)

@@ -24,7 +24,7 @@ class PositionalEncoding:
 
     ``sweep`` gives: ``family``, ``method``, ``positional`` (the ``[batch, layers, heads, pos]``
     accumulator of attention-level sinks), ``leaves`` (the input sinks by role), ``n_pos``,
-    ``attention_mask``, ``kv_grouped``, ``scores_materialized`` (False under fused attention:
+    ``attention_mask``, ``kv_grouped``, ``scores_materialized`` (False where every layer runs fused attention:
     no score or pattern tensor exists), ``on_grad(tensor, fn)`` (``fn`` gets the gradient in the
     record dtype, float32 or better), ``observe(out, fn)`` (``fn(activation, gradient)`` for the
     hook point being run, the activation kept as autograd keeps it), ``accumulate(total, value)``
