@@ -34,7 +34,7 @@ from lens_palrp.records import Records
 from lens_palrp.result import Attribution, Reductions, check_finite
 from lens_palrp.rules import Rule, softmax_input_relevance, softmax_output_relevance
 from lens_palrp.safety import model_left_unchanged
-from lens_palrp.user_hooks import forward_hooked, refuse_backward_hooks
+from lens_palrp.user_hooks import forward_hooked, refuse_backward_hooks, with_aliases
 from lens_palrp.labels import describe
 from lens_palrp.targets import HookTarget, LogitTarget, TargetSpec, resolve_target
 
@@ -45,11 +45,12 @@ class _StopForward(Exception):
 class _Site:
     """One hook point as its rule sees it (``lens_palrp.rules.Site``)."""
 
-    __slots__ = ("sweep", "name", "role", "layer", "consumer", "rule", "family")
+    __slots__ = ("sweep", "name", "role", "layer", "consumer", "rule", "family", "edited")
 
     def __init__(self, sweep: "Sweep", name: str, role: Role, layer: Optional[int], consumer: bool, rule: Rule):
         self.sweep, self.name, self.role, self.layer = sweep, name, role, layer
         self.consumer, self.rule, self.family = consumer, rule, sweep.family
+        self.edited = name in sweep.caller_hooked
 
     def take(self, role: Role) -> Tensor:
         return self.sweep.take(role, self.layer)
@@ -83,6 +84,7 @@ class Sweep:
         self.leaves: Dict[Role, Tensor] = {}
         self.scores_materialized = True  # False once FusedAttention runs every layer without them
         self.replaying = False  # a block's forward runs once more (CheckpointBlocks)
+        self.caller_hooked: Set[str] = set()  # names of hook points carrying the caller's forward hooks
         self.records: Dict[str, Tensor] = {}
         self.gradients: Dict[str, Tensor] = {}
         self.target_value: Optional[Tensor] = None
@@ -530,7 +532,9 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     sweep.checking_path = off_path is not None
     named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
     refuse_backward_hooks(family)
-    computation = _computation(family, m, attention, checkpoint, named, sweep.roles, forward_hooked(family))
+    hooked = forward_hooked(family)
+    sweep.caller_hooked = with_aliases(family, hooked)
+    computation = _computation(family, m, attention, checkpoint, named, sweep.roles, hooked)
     eager_layers: List[int] = computation["eager_layers"]  # type: ignore[assignment]
     canonizers = list(family.canonizers())
     if _unembed_explained_positions(family, target_fn, named):

@@ -16,7 +16,7 @@ What the sweep must know of them (``lens_palrp.engine``):
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Set
 
 
 def _points_by_name(family) -> Dict[str, object]:
@@ -33,6 +33,14 @@ def forward_hooked(family) -> List[str]:
     """Hook points on which the caller left a forward hook or forward pre-hook, one name each."""
     return sorted(name for name, point in _points_by_name(family).items()
                   if getattr(point, "_forward_hooks", None) or getattr(point, "_forward_pre_hooks", None))
+
+
+def with_aliases(family, names: List[str]) -> Set[str]:
+    """Every name of the hook points ``names`` name: a rule site knows its point by its role's
+    name, which on a bridge may be another alias than the one ``forward_hooked`` lists."""
+    points = family.hook_points()
+    hooked = {id(points[name]) for name in names}
+    return {name for name, point in points.items() if id(point) in hooked}
 
 
 def refuse_backward_hooks(family) -> None:

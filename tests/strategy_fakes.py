@@ -22,6 +22,7 @@ class FakeSweep:
         self.positional = torch.zeros(batch, family.n_layers, family.n_heads, n_pos, dtype=torch.float64)
         self.leaves = {}
         self.captured = {}
+        self.roles, self.caller_hooked = {}, set()  # no hook of a caller's
 
     def on_grad(self, tensor, fn):
         if tensor.requires_grad:

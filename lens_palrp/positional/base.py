@@ -25,7 +25,8 @@ class PositionalEncoding:
     ``sweep`` gives: ``family``, ``method``, ``positional`` (the ``[batch, layers, heads, pos]``
     accumulator of attention-level sinks), ``leaves`` (the input sinks by role), ``n_pos``,
     ``attention_mask``, ``kv_grouped``, ``scores_materialized`` (False where every layer runs fused attention:
-    no score or pattern tensor exists), ``on_grad(tensor, fn)`` (``fn`` gets the gradient in the
+    no score or pattern tensor exists), ``roles`` (hook name -> role), ``caller_hooked`` (the names
+    of hook points carrying the caller's own hooks), ``on_grad(tensor, fn)`` (``fn`` gets the gradient in the
     record dtype, float32 or better), ``observe(out, fn)`` (``fn(activation, gradient)`` for the
     hook point being run, the activation kept as autograd keeps it), ``accumulate(total, value)``
     (adds across devices) and ``take(role, layer)``.

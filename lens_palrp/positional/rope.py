@@ -35,6 +35,20 @@ class Rotary(PositionalEncoding):
         self.keys_per_query_head = sweep.kv_grouped and self.key_rule.splits_rotation
         self.keys_through_scores = self.keys_per_query_head and sweep.scores_materialized
         self.needs_score_gradient = self.keys_through_scores
+        if self.keys_through_scores:
+            self._refuse_edited_scores(sweep)
+
+    @staticmethod
+    def _refuse_edited_scores(sweep) -> None:
+        """The key credit reads the gradient of the scores as the caller's hook left them; a hook
+        that changes them (a rescale, a mask) changes that gradient against the one of ``q k^T``
+        the rule needs, and the key-side sink would be silently off."""
+        edited = sorted(n for n, hr in sweep.roles.items() if hr.role is Role.SCORES and n in sweep.caller_hooked)
+        if edited:
+            raise NotImplementedError(
+                f"a hook the caller added at {', '.join(edited)} cannot be explained on this model: its grouped kv "
+                "heads get their RoPE key sink per query head from the gradient of q k^T, read at the scores; "
+                "hook hook_pattern, hook_rot_q / hook_rot_k or hook_z instead")
 
     def reads(self) -> Tuple[Role, ...]:
         return (Role.ROT_Q, Role.ROT_K) if self.keys_through_scores else ()

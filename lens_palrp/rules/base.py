@@ -31,6 +31,7 @@ class Site(Protocol):
     layer: Optional[int]
     consumer: bool  # False at an at_hook target: the explained scalar consumes the activation
     family: "ModelFamily"
+    edited: bool  # the caller's own hooks ran here: the activation may differ from what its inputs give
 
     def take(self, role: Role) -> Tensor:
         """The rule-patched output of ``role`` in this layer (captured because a rule reads it)."""

@@ -96,21 +96,28 @@ def gated_product(
     value: Tensor,
     gate_share: float,
     up_share: float,
+    edited: bool = False,
 ) -> Tensor:
     """``value = act(gate_pre) * up (+ bias)`` under the uniform product rule.
 
     ``gate_share`` / ``up_share`` are the parts of the product's relevance each factor gets
     (AttnLRP: 1/2 and 1/2; CP-LRP: 0 and 1, the gate treated as a constant). The activation on the
     gate side follows the identity rule, so ``gate_pre`` receives exactly the gate's share.
-    """
+
+    ``edited``: ``value`` is what a hook of the caller's made of the product (a scaled or ablated
+    neuron), not the product itself. The edit is taken as the element-wise factor ``value /
+    product`` (0 where the product is 0: what a hook put there from nothing is a constant, absorbed
+    as a bias is), so the factors share the relevance of the value that flows on, not of the
+    product the hook replaced."""
     gate_pre_d, gate_act_d, up_d = gate_pre.detach(), gate_act.detach(), up.detach()
+    edit = identity_rule_ratio(gate_act_d * up_d, value.detach()) if edited else 1.0
     inputs, weights = [], []
     if gate_share:
         inputs.append(gate_pre)
-        weights.append(gate_share * up_d * identity_rule_ratio(gate_pre_d, gate_act_d))
+        weights.append(gate_share * up_d * identity_rule_ratio(gate_pre_d, gate_act_d) * edit)
     if up_share:
         inputs.append(up)
-        weights.append(up_share * gate_act_d)
+        weights.append(up_share * gate_act_d * edit)
     return linearized(value, inputs, weights)
 
 

@@ -78,4 +78,4 @@ class GatedShares(Rule):
         assert site.layer is not None  # an MLP role is always in a block
         pre, up = site.take(Role.MLP_PRE), site.take(Role.MLP_UP)
         gate_act = site.family.activation(site.layer)(pre.detach())
-        return gated_product(pre, gate_act, up, act, self.gate_share, self.up_share), 1.0
+        return gated_product(pre, gate_act, up, act, self.gate_share, self.up_share, edited=site.edited), 1.0
