@@ -87,6 +87,7 @@ class _ExpertSite:
     """A node inside one expert (``rules.Site``): what its rule reads is handed over directly."""
 
     consumer = True
+    edited = False  # no hook point inside an expert: no caller's hook can edit it
 
     def __init__(self, family, name: str, role: Role, layer: int, parts):
         self.family, self.name, self.role, self.layer, self._parts = family, name, role, layer, parts
