@@ -531,30 +531,17 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
                   record_gradients)
     sweep.checking_path = off_path is not None
     named = set(record) | set(record_gradients) | ({hook_target.hook_name} if hook_target else set())
-    refuse_backward_hooks(family)
-    hooked = forward_hooked(family)
-    sweep.caller_hooked = with_aliases(family, hooked)
-    computation = _computation(family, m, attention, checkpoint, named, sweep.roles, hooked)
-    eager_layers: List[int] = computation["eager_layers"]  # type: ignore[assignment]
-    canonizers = list(family.canonizers())
-    if _unembed_explained_positions(family, target_fn, named):
-        canonizers.append(LogitsAtPositions(target_fn.positions))
-        target_fn = target_fn.at_first_position()
-        computation["logits"] = "explained positions"
-    if computation["attention"] != "eager":
-        canonizers.append(FusedAttention(eager_layers))
-    if checkpoint:
-        canonizers.append(CheckpointBlocks())
-    with model_left_unchanged(model), canonized(canonizers, family, sweep):
-        sweep.start()
-        names = set(sweep.roles) | set(record) | set(record_gradients) | (
-            {hook_target.hook_name} if hook_target else set())
-        fwd_hooks = sweep.hook_fns(names)
-        # attached until the backward is done: a recomputed block (checkpoint=True) runs them again
-        with family.hooks_attached(fwd_hooks):
-            value, grads, roles_in_graph = _forward_backward(family, sweep, prepared, target_fn, hook_target, batch,
-                                                             precision)
-        sweep.finish()
+    # under the model's lock: the caller's hooks are read while no other thread's sweep has its own attached
+    with model_left_unchanged(model):
+        computation, canonizers, target_fn = _plan(family, m, sweep, attention, checkpoint, named, target_fn)
+        with canonized(canonizers, family, sweep):
+            sweep.start()
+            fwd_hooks = sweep.hook_fns(set(sweep.roles) | named)
+            # attached until the backward is done: a recomputed block (checkpoint=True) runs them again
+            with family.hooks_attached(fwd_hooks):
+                value, grads, roles_in_graph = _forward_backward(family, sweep, prepared, target_fn, hook_target,
+                                                                 batch, precision)
+            sweep.finish()
     if hook_target is None:  # every layer ran: each rule site must have
         _refuse_sites(family, sweep.never_ran(), "never run by the forward (the model computes that quantity "
                       "elsewhere), so the rules installed there would not act")
@@ -574,6 +561,26 @@ def _explain(model, tokens, target, method, position, record, attention_mask, pr
     attr = family.finish(attr, prepared, sink_relevance, options)
     attr.prompt_text, attr.target_label = describe(family, prepared, target, target_fn, hook_target)  # for reports
     return attr
+
+
+def _plan(family, method: Method, sweep: Sweep, attention: str, checkpoint: bool, named, target_fn):
+    """How this sweep runs (``attr.computation``), the canonizers that make it so, and the target
+    as the canonizers leave it; reads the hooks the caller left on the model (refusing backward
+    ones), so it runs under the model's lock."""
+    refuse_backward_hooks(family)
+    hooked = forward_hooked(family)
+    sweep.caller_hooked = with_aliases(family, hooked)
+    computation = _computation(family, method, attention, checkpoint, named, sweep.roles, hooked)
+    canonizers = list(family.canonizers())
+    if _unembed_explained_positions(family, target_fn, named):
+        canonizers.append(LogitsAtPositions(target_fn.positions))
+        target_fn = target_fn.at_first_position()
+        computation["logits"] = "explained positions"
+    if computation["attention"] != "eager":
+        canonizers.append(FusedAttention(computation["eager_layers"]))  # type: ignore[arg-type]
+    if checkpoint:
+        canonizers.append(CheckpointBlocks())
+    return computation, canonizers, target_fn
 
 
 def _require_hooks_in_path(family, model, tokens, target, method, position, attention_mask, prepend_bos,

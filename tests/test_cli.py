@@ -1,6 +1,7 @@
 """The command line, through the installed entry point."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,18 @@ def test_help_documents_every_option():
     assert "explain" in run("--help").stdout
 
 
+def assert_printed_alike(lines, others, printed=1e-4):
+    """The same text, and numbers equal to within what 4 printed decimals show: eager and fused
+    attention (or a recomputed block) reach the logit by other float32 arithmetic, and a value
+    near a rounding boundary (10.30385) prints as 10.3038 on one path and 10.3039 on the other."""
+    number = re.compile(r"-?\d+\.\d+")
+    assert len(lines) == len(others)
+    for line, other in zip(lines, others):
+        assert number.sub("#", line) == number.sub("#", other), (line, other)
+        for a, b in zip(number.findall(line), number.findall(other)):
+            assert abs(float(a) - float(b)) <= 1.5 * printed, (line, other)
+
+
 @needs_zoo
 def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
     out = tmp_path / "report.html"
@@ -54,7 +67,7 @@ def test_explain_prints_a_summary_and_writes_the_report(tmp_path):
     eager = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "k",
                 "--attention", "eager", "--checkpoint", "--aggregation", "abs", "--out", str(tmp_path / "e.html"))
     assert eager.returncode == 0, eager.stderr
-    assert eager.stdout.splitlines()[:4] == r.stdout.splitlines()[:4]  # same map, printed alike
+    assert_printed_alike(eager.stdout.splitlines()[:4], r.stdout.splitlines()[:4])  # same map
     small = run("explain", "--model", "rope-repeat", "--prompt", "c h a p k b e g", "--target", "k",
                 "--plotlyjs", "beside", "--out", str(tmp_path / "s.html"))
     assert small.returncode == 0, small.stderr
