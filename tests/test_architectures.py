@@ -15,7 +15,8 @@ Any other row, and an architecture in no row, is refused with a reason naming it
 
 Hugging Face and TransformerLens take the attention softmax, RMSNorm and the rotary tables in
 float32 even in a float64 model (~1e-6 of the logit). The 1e-6 and 1e-8 checks run with those kept
-in float64 on both sides (``float64_throughout``); conservation as shipped is checked to 1e-6.
+in float64 on both sides (``float64_throughout``); conservation as shipped is checked to float32
+rounding (64 float32 eps of the logit, ``tests/tolerances.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import lens_palrp as lp
 from architectures import BUILDERS, MODEL_TYPE, build
 from bridges import softmax_in_float64
+from tolerances import rounding
 from lens_palrp.hooks import family_for
 from lens_palrp.hooks.bridge_support import ARCHITECTURES, support_for
 from lens_palrp.roles import Role
@@ -227,7 +229,10 @@ def test_conservation_bias_free(name, method, request):
     hf, bridge = bridge_of(name, biases=False)
     target = target_for(bridge)
     shipped = lp.explain(bridge, TOKENS, target, method=method).conservation()
-    assert float(shipped.other_absorbed.abs().max() / shipped.target_value.abs().max()) < 1e-6
+    # as shipped, Hugging Face's float32 softmax / norms / tables cap conservation at float32
+    # rounding of the logit: seen up to 12 float32 eps under torch's scalar kernels (GPT-OSS,
+    # Cohere), ~8 with AVX-512; bounded at 64 (docs/tolerances.md); a wrong rule misses by percents
+    assert float(shipped.other_absorbed.abs().max() / shipped.target_value.abs().max()) < rounding(torch.float32, 1.0)
     request.getfixturevalue("float64_throughout")
     c = lp.explain(bridge, TOKENS, target, method=method).conservation()
     assert float((c.other_absorbed / c.target_value).abs().max()) < 1e-8
