@@ -21,12 +21,17 @@ from typing import Dict, List, Set
 
 def _points_by_name(family) -> Dict[str, object]:
     """One name per hook point object, the shortest of its aliases (a bridge lists several, e.g.
-    ``blocks.1.mlp.hook_post`` and ``blocks.1.mlp.out.hook_in``): the HookedTransformer name."""
-    points = family.hook_points()
-    aliases: Dict[int, List[str]] = {}
-    for name, point in points.items():
-        aliases.setdefault(id(point), []).append(name)
-    return {min(names, key=lambda n: (len(n), n)): points[names[0]] for names in aliases.values()}
+    ``blocks.1.mlp.hook_post`` and ``blocks.1.mlp.out.hook_in``): the HookedTransformer name.
+    Kept on the family beside its ``hook_points``: every sweep asks, the answer does not change."""
+    cached = family.__dict__.get("_points_by_name")
+    if cached is None:
+        points = family.hook_points()
+        aliases: Dict[int, List[str]] = {}
+        for name, point in points.items():
+            aliases.setdefault(id(point), []).append(name)
+        cached = family.__dict__["_points_by_name"] = {
+            min(names, key=lambda n: (len(n), n)): points[names[0]] for names in aliases.values()}
+    return cached
 
 
 def forward_hooked(family) -> List[str]:

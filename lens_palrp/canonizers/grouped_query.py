@@ -13,7 +13,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from lens_palrp.canonizers.base import Canonizer
-from lens_palrp.user_hooks import forward_hooked
 
 _GROUPED_HOOKS = ("hook_k", "hook_v", "hook_rot_k")
 
@@ -25,7 +24,7 @@ class UngroupKeyValueHeads(Canonizer):
         self._n_kv_heads = None
 
     def register(self, family, sweep) -> None:
-        hooked = [name for name in forward_hooked(family) if name.endswith(_GROUPED_HOOKS)]
+        hooked = sorted(name for name in sweep.caller_hooked if name.endswith(_GROUPED_HOOKS))
         if hooked:
             raise NotImplementedError(
                 f"the hooks the caller added at {', '.join(hooked)} cannot be explained on this grouped-query "
